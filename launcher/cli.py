@@ -1,0 +1,157 @@
+"""The `launcher` command. Exit codes: 0 ok, 1 the job failed, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from launcher import __version__
+from launcher.errors import UserError
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--cluster", required=True, help="a profile name in clusters/ or a path to one")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted recipe keys to override, e.g. megatron.expert_model_parallel_size=8")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="launcher", description="Plan, render and submit megatron-core MoE SFT jobs.")
+    top.add_argument("--version", action="version", version=f"moe-launcher {__version__}")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="exit 0 when the job can run, 2 when it cannot")
+    _job_args(p)
+    p = sub.add_parser("plan", help="parallel layout and memory per GPU")
+    _job_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("render", help="write the job spec(s)")
+    _job_args(p)
+    p.add_argument("-o", "--output", type=Path, help="folder to write into; without it the spec goes to stdout")
+    p = sub.add_parser("submit", help="submit the job")
+    _job_args(p)
+    p.add_argument("--dry-run", action="store_true", help="render and print what would be submitted")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    top = parser()
+    # key=value overrides may come before or after options; argparse leaves the late ones over.
+    args, extra = top.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        top.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as err:
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+def _prepare(args, require_ok=True):
+    from launcher.job import prepare_job
+    from launcher.schema import parse_override
+
+    for text in args.overrides:  # reject malformed overrides before reading any file
+        parse_override(text)
+    return prepare_job(args.recipe, args.cluster, args.overrides, require_ok=require_ok)
+
+
+def cmd_validate(args) -> int:
+    job = _prepare(args)
+    lay, mem = job.plan.layout, job.plan.memory
+    print(f"ok: {job.recipe_source} on {job.cluster.name}: {lay.world_size} "
+          f"{'processes' if job.cluster.on_cpu else 'GPUs'}, TP{lay.tp} PP{lay.pp} EP{lay.ep} ETP{lay.etp} "
+          f"CP{lay.cp} DP{lay.dp} EDP{lay.edp}, {mem.total:.1f} of {mem.capacity:.1f} GiB")
+    for warning in lay.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_plan(args) -> int:
+    job = _prepare(args, require_ok=False)
+    if args.json:
+        print(json.dumps(job.plan.to_dict(), sort_keys=False))
+    else:
+        print(plan_text(job))
+    return EXIT_OK
+
+
+def plan_text(job) -> str:
+    plan, lay, mem, model = job.plan, job.plan.layout, job.plan.memory, job.plan.model
+    cluster = job.cluster
+    unit = "process" if cluster.on_cpu else "GPU"
+    hardware = f"{cluster.gpu_type or 'GPUs'}" if not cluster.on_cpu else "CPU processes"
+    lines = [
+        f"recipe      {job.recipe_source} on cluster {cluster.name} "
+        f"({job.nnodes} node{'s' if job.nnodes > 1 else ''} x {job.nproc_per_node} {hardware})",
+        f"model       {model.family}: {model.total_params() / 1e9:.2f}B parameters, "
+        f"{model.active_params() / 1e9:.2f}B active; {model.num_layers} layers, "
+        f"{model.num_experts} experts, top-{model.topk}",
+        f"attention   world {lay.world_size} = TP {lay.tp} x CP {lay.cp} x DP {lay.dp} x PP {lay.pp}",
+        f"experts     world {lay.world_size} = ETP {lay.etp} x EP {lay.ep} x EDP {lay.edp} x PP {lay.pp}"
+        f"  ({model.num_experts // lay.ep} experts per {unit})",
+        f"pipeline    layers per stage {' '.join(map(str, lay.stage_layers))}; "
+        f"{lay.num_microbatches} micro-batches per step; sequence parallel {'on' if lay.sequence_parallel else 'off'}",
+        f"memory      per {unit}, stage {mem.stage}: params {mem.params:.1f} + grads {mem.grads:.1f} + "
+        f"optimizer {mem.optimizer:.1f} + activations {mem.activations:.1f} + overhead {mem.overhead:.1f} "
+        f"= {mem.total:.1f} GiB of {mem.capacity:.1f}: {'fits' if mem.fits else 'DOES NOT FIT'}",
+    ]
+    if mem.optimizer_on_host:
+        lines.append(f"            optimizer states in host memory: {mem.optimizer_on_host:.1f} GiB per {unit}")
+    if job.recipe.notes:
+        lines.append(f"notes       {job.recipe.notes}")
+    lines += [f"warning     {w}" for w in lay.warnings]
+    lines += [f"problem     {p}" for p in plan.problems]
+    return "\n".join(lines)
+
+
+def _render(job) -> dict[str, str]:
+    from launcher.backends import backend_for
+
+    return backend_for(job.cluster).render(job)
+
+
+def _stdout_text(files: dict[str, str]) -> str:
+    """What `render` prints without -o: the spec(s) to run; the recipe is already inside them."""
+    specs = [text for name, text in files.items() if name != "recipe.yaml"]
+    return "---\n".join(specs)
+
+
+def cmd_render(args) -> int:
+    job = _prepare(args)
+    files = _render(job)
+    if args.output is None:
+        sys.stdout.write(_stdout_text(files))
+        return EXIT_OK
+    from launcher.backends.base import write_files
+
+    for path in write_files(files, args.output):
+        print(path)
+    return EXIT_OK
+
+
+def cmd_submit(args) -> int:
+    job = _prepare(args)
+    files = _render(job)
+    if args.dry_run:
+        main_file = next(name for name in files if name != "recipe.yaml")
+        how = {"slurm": f"sbatch {main_file}", "kubernetes": "kubectl apply -f configmap.yaml -f pytorchjob.yaml",
+               "local": f"bash {main_file}"}[job.cluster.backend]
+        print(f"# dry run: would run `{how}` for job {job.name}; run directory {job.run_dir}")
+        sys.stdout.write(_stdout_text(files))
+        return EXIT_OK
+    raise UserError("launcher submit: only --dry-run is available in this version; "
+                    "render with `launcher render -o DIR` and submit the files")
+
+
+COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "render": cmd_render, "submit": cmd_submit}

@@ -1,0 +1,111 @@
+"""Cluster profiles: where jobs run and what a node has.
+
+`--cluster NAME` reads clusters/NAME.yaml (from the checkout or the installed wheel);
+anything with a '/' or ending in .yaml is read as a path. The trainer never reads these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from launcher.errors import UserError, closest
+from launcher.resources import resource_dir
+from launcher.schema import build, choices, load_yaml
+
+
+@dataclass
+class ContainerSection:
+    # pyxis: srun --container-image; apptainer: apptainer exec --nv; none: the node's own Python
+    runtime: str = choices("pyxis", "apptainer", "none", default="none")
+    image: Optional[str] = None
+    mounts: list[str] = field(default_factory=list)  # host:container, for pyxis and apptainer
+
+
+@dataclass
+class SlurmSection:
+    version: str = "23.11"  # decides which options the rendered script may use
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    exclusive: bool = True
+    requeue: bool = True
+    # Seconds before the time limit at which the job is told to save and requeue itself.
+    signal_before_timeout_s: int = 300
+    mem_per_node: str = "0"  # Slurm --mem; "0" is the whole node
+
+
+@dataclass
+class Toleration:
+    key: str
+    operator: str = choices("Exists", "Equal", default="Exists")
+    value: Optional[str] = None
+    effect: Optional[str] = None
+
+
+@dataclass
+class KubernetesSection:
+    namespace: str = "default"
+    kubeconfig: Optional[str] = None  # default: $KUBECONFIG, then ~/.kube/config
+    context: Optional[str] = None
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[Toleration] = field(default_factory=list)
+    # The volume that holds run directories (checkpoints, logs); mounted at run_root.
+    run_volume_claim: Optional[str] = None
+    shm_size_gib: int = 64
+    restart_policy: str = choices("OnFailure", "Never", "Always", "ExitCode", default="OnFailure")
+    backoff_limit: int = 3
+    service_account: Optional[str] = None
+    priority_class: Optional[str] = None
+
+
+@dataclass
+class Cluster:
+    name: str
+    backend: str = choices("local", "slurm", "kubernetes")
+    gpus_per_node: int = 8  # 0: CPU nodes
+    gpu_memory_gib: float = 80.0  # per GPU; on CPU nodes: host memory for all processes
+    gpu_type: Optional[str] = None
+    cpus_per_node: int = 64
+    max_nodes: Optional[int] = None
+    run_root: str = "~/moe-runs"  # run directories go here; a shared file system on clusters
+    python: str = "python3"  # the interpreter that runs torchrun and the trainer inside the job
+    container: ContainerSection = field(default_factory=ContainerSection)
+    env: dict[str, str] = field(default_factory=dict)  # NCCL/UCX settings for every job
+    slurm: SlurmSection = field(default_factory=SlurmSection)
+    kubernetes: KubernetesSection = field(default_factory=KubernetesSection)
+    source: str = ""  # the file this came from (set when loading)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.gpus_per_node == 0
+
+
+def available_clusters() -> list[str]:
+    return sorted(p.stem for p in resource_dir("clusters").glob("*.yaml"))
+
+
+def cluster_path(name: str) -> Path:
+    if "/" in name or name.endswith((".yaml", ".yml")):
+        return Path(name)
+    path = resource_dir("clusters") / f"{name}.yaml"
+    if not path.exists():
+        names = available_clusters()
+        raise UserError(f"--cluster {name}: no such cluster profile{closest(name, names)}; "
+                        f"choose one of {', '.join(names)} or give a path to a profile")
+    return path
+
+
+def load_cluster(name: str) -> Cluster:
+    path = cluster_path(name)
+    data, lines = load_yaml(path)
+    data.setdefault("name", path.stem)
+    cluster = build(Cluster, data, path, lines)
+    cluster.source = str(path)
+    problems = []
+    if cluster.backend == "kubernetes" and cluster.on_cpu:
+        problems.append(f"{path}: gpus_per_node: 0 is not supported on Kubernetes; give the GPUs per node")
+    if problems:
+        raise UserError(*problems)
+    return cluster

@@ -1,0 +1,156 @@
+"""Bytes per GPU for a layout: weights, gradients, optimizer states, activations.
+
+The model, per pipeline stage (the report is the fullest stage):
+- weights in bf16 (2 bytes); gradients in fp32 (4 bytes: megatron-core's DDP accumulates
+  bf16 training's main grads in fp32);
+- Adam: fp32 master weights and two moments (12 bytes), sharded by the distributed
+  optimizer over DP x CP for dense weights and over expert-DP for experts; moved to host
+  memory by `megatron.optimizer_offload`;
+- activations per micro-batch from the tensors each layer keeps for backward (bf16, with
+  flash/SDPA attention, so nothing quadratic in the sequence), times the micro-batches the
+  1F1B schedule keeps in flight on that stage (PP on the first stage); with
+  `model.enable_gradient_checkpointing` (full recompute) a layer keeps only its input,
+  plus one layer's working set during backward; the last stage adds the logits;
+- a fixed allowance for the CUDA context, NCCL buffers and allocator slack.
+`megatron.param_offload` and `grad_offload` move weights and gradients to host memory
+between steps (checkpointing, validation); a step needs them on the GPU, so they do not
+lower the peak counted here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from launcher.plan.layout import Layout
+from launcher.plan.models import ModelDims
+from launcher.recipe import Recipe
+
+GIB = 1024**3
+OVERHEAD_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation (measured later on H100)
+
+
+@dataclass(frozen=True)
+class Memory:
+    params: float  # GiB per GPU, on the fullest pipeline stage
+    grads: float
+    optimizer: float
+    activations: float
+    overhead: float
+    capacity: float  # GiB on one GPU (or host memory per process on CPU)
+    stage: int  # which pipeline stage is fullest
+    optimizer_on_host: float  # GiB per GPU moved to host memory by optimizer_offload
+    params_per_gpu: int
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+    def to_dict(self) -> dict:
+        r = lambda x: round(x, 2)  # noqa: E731
+        return {"params": r(self.params), "grads": r(self.grads), "optimizer": r(self.optimizer),
+                "activations": r(self.activations), "overhead": r(self.overhead), "total": r(self.total),
+                "capacity": r(self.capacity), "stage": self.stage,
+                "optimizer_on_host": r(self.optimizer_on_host)}
+
+
+def padded_vocab(model: ModelDims, tp: int) -> int:
+    """megatron-core pads the vocabulary to a multiple of 128 x TP."""
+    step = 128 * tp
+    return -(-model.vocab // step) * step
+
+
+def stage_params(model: ModelDims, layout: Layout, stage: int) -> tuple[float, float]:
+    """(dense, expert) parameters held by one GPU of pipeline stage `stage`."""
+    start = sum(layout.stage_layers[:stage])
+    layers = range(start, start + layout.stage_layers[stage])
+    moe = sum(1 for i in layers if i in set(model.moe_layers))
+    dense_layers = len(layers) - moe
+    attn_tp, attn_rep = model.attention_params()
+    tp = layout.tp
+    dense = len(layers) * (attn_tp / tp + attn_rep)
+    dense += dense_layers * (model.dense_mlp_params() / tp + model.hidden)
+    dense += moe * (model.shared_expert_params() / tp + model.moe_replicated_params())
+    embedding = padded_vocab(model, tp) * model.hidden / tp
+    if stage == 0:
+        dense += embedding
+    if stage == layout.pp - 1:
+        dense += model.hidden + (embedding if (not model.tied_embeddings or layout.pp > 1) else 0)
+    experts_here = model.num_experts // layout.ep
+    expert = moe * experts_here * model.expert_params() / layout.etp
+    return dense, expert
+
+
+def layer_activation_bytes(model: ModelDims, layout: Layout, recipe: Recipe, moe: bool) -> float:
+    """Bytes one layer keeps for backward, for one micro-batch, on one GPU."""
+    s = recipe.data.max_length / layout.cp
+    b = recipe.data.micro_batch_size
+    h = model.hidden
+    tp, etp = layout.tp, layout.etp
+    tokens = s * b / (tp if layout.sequence_parallel else 1)  # tokens of hidden size on this rank
+    if model.mla:
+        q = model.num_heads * (model.qk_nope_dim + model.qk_rope_dim)
+        kv = model.num_heads * (model.qk_nope_dim + model.qk_rope_dim + model.v_head_dim)
+        latent = (model.q_lora_rank or 0) + model.kv_lora_rank + model.qk_rope_dim
+        attn_out = model.num_heads * model.v_head_dim
+        heads_part = s * b * (q + kv + attn_out) / tp + s * b * latent
+    else:
+        q = model.num_heads * model.head_dim
+        kv = 2 * model.num_kv_heads * model.head_dim
+        heads_part = s * b * (q + kv + q) / tp  # Q, K, V and the attention output
+    # layer input, norm output (the QKV input), projection input, residual
+    attn = 2 * (tokens * 3 * h + heads_part)
+    if moe:
+        routed = tokens * model.topk * etp  # token copies this rank's experts process
+        experts = routed * (2 * h + 3 * model.moe_ffn / etp)  # permuted in/out, fc1 (gate+up), act
+        shared = s * b * 3 * model.shared_ffn / tp
+        mlp = 2 * (tokens * 2 * h + experts + shared) + 4 * tokens * model.num_experts  # router probs fp32
+    else:
+        mlp = 2 * (tokens * 2 * h + s * b * 3 * model.dense_ffn / tp)
+    return attn + mlp
+
+
+def estimate_memory(recipe: Recipe, model: ModelDims, layout: Layout, capacity_gib: float,
+                    overhead_gib: float = OVERHEAD_GIB) -> Memory:
+    meg = recipe.megatron
+    best = None
+    for stage in range(layout.pp):
+        dense, expert = stage_params(model, layout, stage)
+        params = 2 * (dense + expert)
+        grads = 4 * (dense + expert)
+        if meg.use_distributed_optimizer:
+            optim = 12 * (dense / (layout.dp * layout.cp) + expert / layout.edp)
+        else:
+            optim = 12 * (dense + expert)
+        on_host = optim if meg.optimizer_offload else 0.0
+        if meg.optimizer_offload:
+            optim = 0.0
+        acts = _stage_activations(recipe, model, layout, stage)
+        mem = Memory(params=params / GIB, grads=grads / GIB, optimizer=optim / GIB, activations=acts / GIB,
+                     overhead=overhead_gib, capacity=capacity_gib, stage=stage,
+                     optimizer_on_host=on_host / GIB, params_per_gpu=int(dense + expert))
+        if best is None or mem.total > best.total:
+            best = mem
+    return best
+
+
+def _stage_activations(recipe: Recipe, model: ModelDims, layout: Layout, stage: int) -> float:
+    start = sum(layout.stage_layers[:stage])
+    layers = range(start, start + layout.stage_layers[stage])
+    moe_set = set(model.moe_layers)
+    per_layer = [layer_activation_bytes(model, layout, recipe, i in moe_set) for i in layers]
+    in_flight = min(layout.pp - stage, layout.num_microbatches) if layout.pp > 1 else 1
+    s = recipe.data.max_length / layout.cp
+    b = recipe.data.micro_batch_size
+    if recipe.model.enable_gradient_checkpointing:
+        kept_input = 2 * s * b * model.hidden / (layout.tp if layout.sequence_parallel else 1)
+        acts = in_flight * len(per_layer) * kept_input + max(per_layer, default=0)
+    else:
+        acts = in_flight * sum(per_layer)
+    if stage == layout.pp - 1:
+        # bf16 logits and the fp32 copy the vocab-parallel cross-entropy works on
+        acts += s * b * padded_vocab(model, layout.tp) / layout.tp * 6
+    return acts

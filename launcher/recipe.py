@@ -1,0 +1,244 @@
+"""Recipes: what to train, on how many GPUs, with which parallel layout.
+
+The keys follow verl's Megatron SFT config (model, data, megatron, optim, trainer) so that
+users can bring their files, plus a `job` section for the scheduler. `load_recipe` reads a
+YAML file, applies key=value overrides, checks every key and type, and resolves the
+defaults that depend only on the recipe itself (paths, the job name, ETP, sequence
+parallelism). The result is what travels with the job as `recipe.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from launcher.errors import UserError
+from launcher.schema import apply_overrides, build, choices, load_yaml
+
+
+@dataclass
+class MoeConfig:
+    freeze_moe_router: bool = False
+    # None: take the value from the model's config.json (router_aux_loss_coef, aux_loss_alpha).
+    aux_loss_coeff: Optional[float] = None
+    z_loss_coeff: Optional[float] = None
+    # None: dropless routing. A number: each expert takes at most capacity x its fair share.
+    capacity_factor: Optional[float] = None
+    token_dispatcher: str = choices("alltoall", "allgather", default="alltoall")
+
+
+@dataclass
+class OverrideConfig:
+    moe_config: MoeConfig = field(default_factory=MoeConfig)
+
+
+@dataclass
+class ModelSection:
+    path: str  # a Hugging Face model folder holding config.json (and the tokenizer)
+    tokenizer_path: Optional[str] = None  # default: path
+    enable_gradient_checkpointing: bool = False
+    override_config: OverrideConfig = field(default_factory=OverrideConfig)
+
+
+@dataclass
+class MultiturnSection:
+    enable: bool = False
+    messages_key: str = "messages"
+
+
+@dataclass
+class DataSection:
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    multiturn: MultiturnSection = field(default_factory=MultiturnSection)
+    max_length: int = 4096
+    # What to do with a sample longer than max_length.
+    truncation: str = choices("error", "left", "right", default="error")
+    micro_batch_size: int = 1  # sequences per GPU per micro-batch
+    global_batch_size: int = 128  # sequences per optimizer step, all GPUs together
+    pack_sequences: bool = True
+    skip_bad_rows: bool = False
+    shuffle: bool = True
+
+
+@dataclass
+class MegatronSection:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None  # default: tensor_model_parallel_size, as megatron-core
+    context_parallel_size: int = 1
+    sequence_parallel: Optional[bool] = None  # default: on whenever TP > 1 (MoE needs it)
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    num_layers_in_first_pipeline_stage: Optional[int] = None  # default: chosen when PP does not divide the layers
+    num_layers_in_last_pipeline_stage: Optional[int] = None
+    use_distributed_optimizer: bool = True
+    param_offload: bool = False
+    grad_offload: bool = False
+    optimizer_offload: bool = False
+    dist_checkpointing_path: Optional[str] = None  # initial weights, converted by `launcher convert`
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    clip_grad: float = 1.0
+    lr_warmup_steps_ratio: float = 0.0
+    lr_scheduler: str = choices("cosine", "constant", "linear", default="cosine")
+
+
+@dataclass
+class TrainerSection:
+    nnodes: int = 1
+    n_gpus_per_node: int = 8  # on CPU: processes per node
+    total_training_steps: Optional[int] = None  # default: total_epochs over the data
+    total_epochs: int = 1
+    save_freq: int = -1  # steps between checkpoints; -1: only at the end
+    test_freq: int = -1  # steps between validation passes; -1: only at the end
+    default_local_dir: Optional[str] = None  # checkpoints; default: RUN_DIR/checkpoints
+    seed: int = 42
+    log_every: int = 1
+    tensorboard: bool = False
+
+
+@dataclass
+class JobSection:
+    name: Optional[str] = None  # default: the recipe's file name
+    image: Optional[str] = None  # default: the cluster profile's image
+    time_limit: str = "04:00:00"
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    model: ModelSection
+    data: DataSection = field(default_factory=DataSection)
+    megatron: MegatronSection = field(default_factory=MegatronSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    job: JobSection = field(default_factory=JobSection)
+    # Free text: why this layout. Shown by `launcher plan`, never read by the trainer.
+    notes: Optional[str] = None
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.nnodes * self.trainer.n_gpus_per_node
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+_TIME = re.compile(r"(\d+-)?\d{1,2}(:\d{2}){0,2}")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
+    """Read, override, check and resolve the recipe at `path`."""
+    path = Path(path)
+    data, lines = load_yaml(path)
+    # PyYAML reads an unquoted 04:00:00 as a base-60 number of seconds; keep it as a time.
+    job = data.get("job")
+    if isinstance(job, dict) and isinstance(job.get("time_limit"), int) and not isinstance(job["time_limit"], bool):
+        seconds = job["time_limit"]
+        job["time_limit"] = f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    apply_overrides(data, list(overrides))
+    recipe = build(Recipe, data, path, lines)
+    _resolve(recipe, path)
+    _check(recipe, path, lines)
+    return recipe
+
+
+def _resolve(recipe: Recipe, path: Path) -> None:
+    base = path.resolve().parent
+
+    def absolute(p: Optional[str]) -> Optional[str]:
+        if p is None or "://" in p:
+            return p
+        return str((base / Path(p).expanduser()).resolve())
+
+    recipe.model.path = absolute(recipe.model.path)
+    recipe.model.tokenizer_path = absolute(recipe.model.tokenizer_path) or recipe.model.path
+    recipe.data.train_files = [absolute(p) for p in recipe.data.train_files]
+    recipe.data.val_files = [absolute(p) for p in recipe.data.val_files]
+    recipe.trainer.default_local_dir = absolute(recipe.trainer.default_local_dir)
+    recipe.megatron.dist_checkpointing_path = absolute(recipe.megatron.dist_checkpointing_path)
+    meg = recipe.megatron
+    if meg.expert_tensor_parallel_size is None:
+        meg.expert_tensor_parallel_size = meg.tensor_model_parallel_size
+    if meg.sequence_parallel is None:
+        meg.sequence_parallel = meg.tensor_model_parallel_size > 1
+    recipe.job.name = sanitize_job_name(recipe.job.name or path.stem)
+
+
+def _check(recipe: Recipe, path: Path, lines) -> None:
+    """Checks on single values; the layout's rules live in launcher.plan.layout."""
+    problems = []
+
+    def bad(keys: str, message: str) -> None:
+        line = lines.get(tuple(keys.split(".")))
+        problems.append(f"{path}{':' + str(line) if line else ''}: {keys}: {message}")
+
+    positive = {
+        "trainer.nnodes": recipe.trainer.nnodes,
+        "trainer.n_gpus_per_node": recipe.trainer.n_gpus_per_node,
+        "data.max_length": recipe.data.max_length,
+        "data.micro_batch_size": recipe.data.micro_batch_size,
+        "data.global_batch_size": recipe.data.global_batch_size,
+        "trainer.total_epochs": recipe.trainer.total_epochs,
+        "trainer.log_every": recipe.trainer.log_every,
+    }
+    for key, name in [("tensor_model_parallel_size", "megatron.tensor_model_parallel_size"),
+                      ("pipeline_model_parallel_size", "megatron.pipeline_model_parallel_size"),
+                      ("expert_model_parallel_size", "megatron.expert_model_parallel_size"),
+                      ("expert_tensor_parallel_size", "megatron.expert_tensor_parallel_size"),
+                      ("context_parallel_size", "megatron.context_parallel_size")]:
+        positive[name] = getattr(recipe.megatron, key)
+    for key, value in positive.items():
+        if value is not None and value < 1:
+            bad(key, f"{value} must be 1 or more")
+    if recipe.trainer.total_training_steps is not None and recipe.trainer.total_training_steps < 1:
+        bad("trainer.total_training_steps", f"{recipe.trainer.total_training_steps} must be 1 or more, "
+            "or left out to train for total_epochs")
+    if recipe.megatron.sequence_parallel and recipe.megatron.tensor_model_parallel_size == 1:
+        bad("megatron.sequence_parallel", "true needs megatron.tensor_model_parallel_size > 1; set it to false")
+    if not _TIME.fullmatch(recipe.job.time_limit):
+        bad("job.time_limit", f"'{recipe.job.time_limit}' is not a Slurm time; write HH:MM:SS or D-HH:MM:SS")
+    if len(recipe.optim.betas) != 2:
+        bad("optim.betas", f"{recipe.optim.betas} needs two numbers, for example [0.9, 0.95]")
+    for name in recipe.job.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            bad(f"job.env.{name}", "is not a valid environment variable name")
+    if problems:
+        raise UserError(*problems)
+
+
+def sanitize_job_name(name: str) -> str:
+    """A name safe in file names, Slurm and shells: letters, digits, '.', '_', '-' (63 at most)."""
+    name = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9._-]+", "-", name))
+    return name.strip("-._")[:63].strip("-._") or "job"
+
+
+def time_limit_seconds(text: str) -> int:
+    """Seconds in a Slurm time limit: MM, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = int(d)
+        parts = [int(p) for p in text.split(":")] + [0, 0]
+        h, m, s = parts[:3]
+    else:
+        parts = [int(p) for p in text.split(":")]
+        h, m, s = {1: (0, parts[0], 0), 2: (0, *parts), 3: tuple(parts)}[len(parts)]
+    return ((days * 24 + h) * 60 + m) * 60 + s

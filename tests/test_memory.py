@@ -1,0 +1,75 @@
+"""The memory model: parameter accounting, optimizer sharding and offload, recompute."""
+
+import json
+
+import pytest
+
+from launcher.cluster import load_cluster
+from launcher.plan.check import make_plan
+from launcher.plan.layout import plan_layout
+from launcher.plan.memory import stage_params
+from launcher.plan.models import read_model
+from launcher.recipe import load_recipe
+from tests.conftest import RECIPES, run_launcher
+
+
+def plan(name, cluster="slurm", *overrides):
+    recipe = load_recipe(RECIPES / f"{name}.yaml", list(overrides))
+    return make_plan(recipe, load_cluster(cluster), read_model(recipe.model.path))
+
+
+@pytest.mark.parametrize("name,billions", [("deepseek_v3", 671.0), ("qwen3_235b_a22b", 235.1),
+                                          ("mixtral_8x7b", 46.7), ("qwen2_moe", 14.3)])
+def test_parameter_counts_match_the_published_sizes(name, billions):
+    recipe = load_recipe(RECIPES / f"{name}.yaml")
+    assert read_model(recipe.model.path).total_params() / 1e9 == pytest.approx(billions, rel=0.002)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "qwen3_235b_a22b", "mixtral_8x7b", "qwen2_moe"])
+def test_every_parameter_lives_on_some_gpu(name):
+    recipe = load_recipe(RECIPES / f"{name}.yaml")
+    model = read_model(recipe.model.path)
+    lay = plan_layout(recipe, model)
+    stages = [stage_params(model, lay, s) for s in range(lay.pp)]
+    experts = sum(e for _, e in stages) * lay.ep * lay.etp
+    assert experts == model.num_moe_layers * model.num_experts * model.expert_params()
+    dense = sum(d for d, _ in stages) * lay.tp
+    # replicated norms and routers count once per TP rank, and the vocabulary is padded
+    assert dense == pytest.approx(model.total_params() - experts, rel=0.02)
+
+
+def test_optimizer_is_sharded_over_data_parallel_ranks_and_offloaded():
+    sharded = plan("qwen2_moe").memory
+    whole = plan("qwen2_moe", "slurm", "megatron.use_distributed_optimizer=false").memory
+    assert whole.optimizer > 2.5 * sharded.optimizer  # dense over DP=8, experts over EDP=2
+    offloaded = plan("qwen2_moe", "slurm", "megatron.optimizer_offload=true").memory
+    assert offloaded.optimizer == 0 and offloaded.optimizer_on_host == pytest.approx(sharded.optimizer)
+    assert offloaded.params == sharded.params and offloaded.grads == sharded.grads
+
+
+def test_weights_bf16_grads_fp32():
+    mem = plan("mixtral_8x7b").memory
+    assert mem.grads == pytest.approx(2 * mem.params)
+
+
+def test_recompute_shrinks_activations():
+    full = plan("qwen2_moe").memory
+    recompute = plan("qwen2_moe", "slurm", "model.enable_gradient_checkpointing=true").memory
+    assert recompute.activations < full.activations / 3  # the logits stay
+    longer = plan("qwen2_moe", "slurm", "data.max_length=8192").memory
+    assert longer.activations == pytest.approx(2 * full.activations, rel=0.05)
+
+
+def test_deepseek_fits_on_h200_not_on_h100(tmp_path):
+    rc, out, err = run_launcher("validate", RECIPES / "deepseek_v3.yaml", "--cluster", "slurm")
+    assert rc == 2 and "but cluster 'slurm' has 80.0 GiB" in err and "Traceback" not in err
+    rc, out, err = run_launcher("validate", RECIPES / "deepseek_v3.yaml", "--cluster", "slurm-h200")
+    assert rc == 0 and out.startswith("ok: ")
+    rc, out, err = run_launcher("plan", RECIPES / "deepseek_v3.yaml", "--cluster", "slurm", "--json")
+    result = json.loads(out)
+    assert rc == 0 and result["fits"] is False
+    for key in "world_size tp pp ep etp cp dp edp memory_gib fits".split():
+        assert key in result
+    for key in "params grads optimizer activations total".split():
+        assert key in result["memory_gib"]
+    assert result["memory_gib"]["total"] > 80

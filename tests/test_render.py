@@ -1,0 +1,228 @@
+"""Rendered job specs: golden files for every recipe and cluster, shellcheck, the Kubeflow CRD
+schema with unknown fields rejected, the Kubernetes schemas, and the operator's webhook rules."""
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.backends import backend_for
+from launcher.backends.kubernetes import webhook_problems
+from launcher.errors import UserError
+from launcher.job import prepare_job
+from tests.conftest import REPO, RECIPES, run_launcher
+
+GOLDEN = REPO / "tests" / "golden"
+CLUSTERS = sorted(p.stem for p in (REPO / "clusters").glob("*.yaml"))
+RECIPE_NAMES = sorted(p.stem for p in RECIPES.glob("*.yaml"))
+SCHEMAS = Path(os.environ.get("MOE_SCHEMAS_DIR", REPO.parent / "shared" / "schemas"))
+
+
+def render(recipe, cluster, *overrides):
+    job = prepare_job(str(RECIPES / f"{recipe}.yaml"), cluster, overrides)
+    return job, backend_for(job.cluster).render(job)
+
+
+def portable(text: str) -> str:
+    """Golden files hold no machine-specific paths."""
+    return text.replace(str(REPO), "@REPO@").replace(os.path.expanduser("~"), "@HOME@")
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # recipe paths in headers are shown relative to the working directory
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS)
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+def test_golden(recipe, cluster):
+    """Set UPDATE_GOLDEN=1 to rewrite the files after an intended change; review the diff."""
+    folder = GOLDEN / f"{recipe}__{cluster}"
+    try:
+        _, files = render(recipe, cluster)
+    except UserError as err:
+        files = {"ERROR": "\n".join(err.problems) + "\n"}
+    files = {name: portable(text) for name, text in files.items()}
+    if os.environ.get("UPDATE_GOLDEN"):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    expected = {p.name: p.read_text() for p in folder.iterdir()}
+    assert files == expected
+
+
+def test_every_recipe_renders_somewhere():
+    for recipe in RECIPE_NAMES:
+        assert any(not (GOLDEN / f"{recipe}__{c}" / "ERROR").exists() for c in CLUSTERS), recipe
+
+
+def test_rendering_is_deterministic():
+    assert render("mixtral_8x7b", "k8s")[1] == render("mixtral_8x7b", "k8s")[1]
+    assert render("qwen3_235b_a22b", "slurm")[1] == render("qwen3_235b_a22b", "slurm")[1]
+
+
+def rendered_scripts():
+    for folder in sorted(GOLDEN.iterdir()):
+        for path in folder.glob("*.s*"):
+            if path.suffix in (".sbatch", ".sh"):
+                yield path
+
+
+@pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck (Debian package) is not installed")
+def test_scripts_pass_bash_n_and_shellcheck():
+    scripts = list(rendered_scripts())
+    assert len(scripts) >= 8
+    for path in scripts:
+        subprocess.run(["bash", "-n", str(path)], check=True)
+    result = subprocess.run(["shellcheck", "--severity=info", *map(str, scripts)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_hostile_values_reach_the_shell_intact(tmp_path):
+    nasty = "a b'c\"d $(touch /tmp/pwned) `id` ; \\ end"
+    _, files = render("tiny_moe", "slurm-local", "job.env.NASTY=" + json.dumps(nasty))
+    script = files["tiny_moe.sbatch"]
+    exports = "\n".join(line for line in script.splitlines() if line.startswith("export "))
+    out = subprocess.run(["bash", "-c", exports + '\nprintf %s "$NASTY"'], capture_output=True, text=True)
+    assert out.stdout == nasty
+
+
+def test_sbatch_lines_refuse_unsafe_words(tmp_path):
+    profile = tmp_path / "odd.yaml"
+    profile.write_text((REPO / "clusters/slurm-local.yaml").read_text().replace("/tmp/moe-runs", "/tmp/my runs"))
+    with pytest.raises(UserError, match="cannot be written on an #SBATCH line"):
+        render("tiny_moe", str(profile))
+
+
+def test_slurm_options_follow_the_slurm_version():
+    _, old = render("mixtral_8x7b", "slurm")  # 23.11
+    _, new = render("mixtral_8x7b", "slurm-h200")  # 24.11
+    assert "--oom-kill-step" not in old["mixtral_8x7b.sbatch"]
+    assert "--oom-kill-step=1" in new["mixtral_8x7b.sbatch"]
+    for text in (old["mixtral_8x7b.sbatch"], new["mixtral_8x7b.sbatch"]):
+        assert "--kill-on-bad-exit=1" in text and "--rdzv-backend=c10d" in text
+        assert "#SBATCH --open-mode=append" in text and "SLURM_RESTART_COUNT" in text
+
+
+def test_resolved_recipe_travels_with_the_job():
+    job, files = render("qwen3_235b_a22b", "slurm")
+    script = files["qwen3_235b_a22b.sbatch"]
+    embedded = script.split("<<'MOE_LAUNCHER_RECIPE_END'\n", 1)[1].split("MOE_LAUNCHER_RECIPE_END\n", 1)[0]
+    assert embedded == files["recipe.yaml"]
+    resolved = yaml.safe_load(embedded)
+    assert resolved["megatron"]["expert_tensor_parallel_size"] == 1
+    assert resolved["megatron"]["num_layers_in_first_pipeline_stage"] == 11
+    assert resolved["trainer"]["default_local_dir"] == "/shared/moe-runs/qwen3_235b_a22b/checkpoints"
+
+
+# Kubernetes
+
+def strict(schema):
+    """The CRD schema with unknown fields rejected, as `kubectl apply --validate=strict` does."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node and "additionalProperties" not in node \
+                    and not node.get("x-kubernetes-preserve-unknown-fields"):
+                node["additionalProperties"] = False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return schema
+
+
+@pytest.fixture(scope="module")
+def pytorchjob_schema():
+    path = SCHEMAS / "kubeflow.org_pytorchjobs.yaml"
+    if not path.exists():
+        pytest.skip(f"the PyTorchJob CRD is not at {path} (set MOE_SCHEMAS_DIR)")
+    crd = yaml.safe_load(path.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return strict(version["schema"]["openAPIV3Schema"])
+
+
+def k8s_manifests():
+    for folder in sorted(GOLDEN.iterdir()):
+        if (folder / "pytorchjob.yaml").exists():
+            yield yaml.safe_load((folder / "configmap.yaml").read_text()), \
+                yaml.safe_load((folder / "pytorchjob.yaml").read_text())
+
+
+def test_pytorchjobs_validate_against_the_crd(pytorchjob_schema):
+    import jsonschema
+
+    manifests = list(k8s_manifests())
+    assert len(manifests) >= 4
+    for _, job in manifests:
+        jsonschema.validate(job, pytorchjob_schema)
+        assert webhook_problems(job) == []
+
+
+def test_the_strict_crd_schema_rejects_an_unknown_field(pytorchjob_schema):
+    import jsonschema
+
+    _, job = next(k8s_manifests())
+    job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["gpus"] = 8
+    with pytest.raises(jsonschema.ValidationError, match="gpus"):
+        jsonschema.validate(job, pytorchjob_schema)
+
+
+def test_manifests_validate_against_kubernetes_schemas():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for configmap, job in k8s_manifests():
+        kubernetes_validate.validate(configmap, "1.33.0", strict=True)
+        for replica in job["spec"]["pytorchReplicaSpecs"].values():
+            template = {"apiVersion": "v1", "kind": "PodTemplate",
+                        "metadata": {"name": job["metadata"]["name"]}, "template": replica["template"]}
+            kubernetes_validate.validate(template, "1.33.0", strict=True)
+        for name in (job["metadata"]["name"], configmap["metadata"]["name"]):
+            assert len(name) <= 63 and name[0].isalpha() and all(c.isalnum() or c == "-" for c in name)
+
+
+def test_webhook_rules():
+    _, files = render("mixtral_8x7b", "k8s")
+    job = yaml.safe_load(files["pytorchjob.yaml"])
+    assert job["spec"]["nprocPerNode"] == "8"
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    bad = copy.deepcopy(job)
+    bad["spec"]["nprocPerNode"] = 8
+    bad["spec"]["pytorchReplicaSpecs"]["Chief"] = bad["spec"]["pytorchReplicaSpecs"].pop("Worker")
+    bad["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
+    bad["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["name"] = "trainer"
+    assert len(webhook_problems(bad)) == 5
+
+
+def test_render_without_output_prints_specs_for_kubectl():
+    rc, out, err = run_launcher("render", RECIPES / "mixtral_8x7b.yaml", "--cluster", "k8s")
+    docs = list(yaml.safe_load_all(out))
+    assert rc == 0 and [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob"]
+
+
+def test_render_writes_files_and_prints_their_paths(tmp_path):
+    rc, out, err = run_launcher("render", RECIPES / "tiny_moe.yaml", "--cluster", "slurm-local", "-o", tmp_path)
+    assert rc == 0 and out.split() == [str(tmp_path / "tiny_moe.sbatch"), str(tmp_path / "recipe.yaml")]
+    assert os.access(tmp_path / "tiny_moe.sbatch", os.X_OK)
+
+
+def test_failed_render_writes_nothing(tmp_path):
+    out_dir = tmp_path / "out"
+    rc, out, err = run_launcher("render", RECIPES / "deepseek_v3.yaml", "--cluster", "slurm", "-o", out_dir)
+    assert rc == 2 and not out_dir.exists() and out == ""
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_submit_dry_run_prints_what_it_would_submit():
+    rc, out, err = run_launcher("submit", RECIPES / "mixtral_8x7b.yaml", "--cluster", "slurm", "--dry-run")
+    assert rc == 0 and out.startswith("# dry run: would run `sbatch mixtral_8x7b.sbatch`")
+    assert "#SBATCH --nodes=2" in out
