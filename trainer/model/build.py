@@ -1,0 +1,107 @@
+"""Build this rank's part of a megatron-core GPTModel from a recipe and its config.json.
+
+Layer specs: transformer-engine's when it imports; otherwise megatron-core's local spec
+with torch SDPA as the core attention (trainer.model.attention).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from trainer.model.hf_config import ModelArgs, model_args
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def read_model_args(model_path: str) -> ModelArgs:
+    path = Path(model_path) / "config.json"
+    return model_args(json.loads(path.read_text()), str(path))
+
+
+def transformer_config(args: ModelArgs, recipe, dtype: torch.dtype):
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+    meg = recipe.megatron
+    moe = recipe.model.override_config.moe_config
+    fields = dict(args.transformer)
+    fields.pop("rotary_base", None) if not args.mla else None
+    fields.update(
+        tensor_model_parallel_size=meg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=meg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=meg.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=meg.expert_model_parallel_size,
+        expert_tensor_parallel_size=meg.expert_tensor_parallel_size,
+        context_parallel_size=meg.context_parallel_size,
+        sequence_parallel=meg.sequence_parallel,
+        num_layers_in_first_pipeline_stage=meg.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=meg.num_layers_in_last_pipeline_stage,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        # Sum the loss over response tokens; megatron-core divides the gradients by the
+        # number of such tokens across all micro-batches and data-parallel ranks.
+        calculate_per_token_loss=True,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        gradient_accumulation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False, cross_entropy_loss_fusion=False,
+        moe_token_dispatcher_type=moe.token_dispatcher,
+        moe_z_loss_coeff=moe.z_loss_coeff,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_grouped_gemm=False,
+    )
+    if moe.aux_loss_coeff is not None:
+        fields["moe_aux_loss_coeff"] = moe.aux_loss_coeff
+    if moe.capacity_factor is not None:
+        fields["moe_token_drop_policy"] = "probs"
+    if moe.freeze_moe_router and fields.get("moe_router_enable_expert_bias"):
+        fields["moe_router_bias_update_rate"] = 0.0  # the aux-loss-free bias stays as loaded
+    if recipe.model.enable_gradient_checkpointing:
+        fields.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    cls = MLATransformerConfig if args.mla else TransformerConfig
+    return cls(**fields)
+
+
+def layer_spec(config, vp_stage=None):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    use_te = have_transformer_engine()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
+                                      vp_stage=vp_stage)
+    if not use_te:
+        from trainer.model.attention import SDPAttention
+
+        for layer in spec.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_model(recipe, dtype: torch.dtype, pre_process: bool, post_process: bool, vp_stage=None):
+    from megatron.core.models.gpt import GPTModel
+
+    args = read_model_args(recipe.model.path)
+    config = transformer_config(args, recipe, dtype)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config, vp_stage),
+        vocab_size=args.vocab_size,
+        max_sequence_length=max(args.max_position_embeddings, recipe.data.max_length),
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=args.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(args.rotary_base),
+        vp_stage=vp_stage,
+    )
+    if recipe.model.override_config.moe_config.freeze_moe_router:
+        for name, param in model.named_parameters():
+            if ".router." in name:
+                param.requires_grad_(False)
+    return model
