@@ -5,7 +5,7 @@ torch.cuda.current_device(), calls .cuda(), records streams and events, and keep
 "CUDA" random state that it forks for tensor- and expert-parallel initialisation. On a
 machine without a GPU, `install_cpu_shim` lets that same code run on the CPU over gloo:
 - a TorchFunctionMode maps every "cuda" device argument of a torch call to "cpu";
-- Tensor.cuda() returns the tensor; torch.cuda.current_device() is the CPU device;
+- Tensor.type() names CUDA types (megatron's optimizers check them); Tensor.cuda() returns the tensor; torch.cuda.current_device() is the CPU device;
 - streams, events and synchronisation become no-ops;
 - all-to-all split sizes, which stay tensors on the CPU, are handed to gloo as lists;
 - the "CUDA" random state is a generator of its own, apart from the CPU's, so megatron's
@@ -50,9 +50,13 @@ class _CudaToCpu(TorchFunctionMode):
                 kwargs["device"] = "cpu"  # megatron passes torch.cuda.current_device()
             else:
                 kwargs["device"] = _to_cpu(device)
-        if func in (torch.Tensor.to,) and args:
+        if func is torch.Tensor.to and args:
             args = tuple(_to_cpu(a) if i > 0 else a for i, a in enumerate(args))
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and result.startswith("torch."):
+            # megatron's optimizers accept parameters by their type name, torch.cuda.FloatTensor
+            result = result.replace("torch.", "torch.cuda.", 1)
+        return result
 
 
 class _NoStream:

@@ -1,0 +1,69 @@
+"""python -m trainer --config RUN_DIR/recipe.yaml [--run-dir DIR], under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="trainer", description="megatron-core MoE SFT")
+    parser.add_argument("--config", required=True, type=Path, help="the resolved recipe")
+    parser.add_argument("--run-dir", type=Path, help="metrics and logs go here (default: the config's folder)")
+    args = parser.parse_args(argv)
+    run_dir = args.run_dir or args.config.resolve().parent
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    from launcher.errors import UserError
+    from launcher.plan.models import read_model
+    from launcher.recipe import load_recipe
+    from trainer.data.parquet import BadRow, DataError
+    from trainer.model.hf_config import UnsupportedConfig
+
+    try:
+        recipe = load_recipe(args.config)
+        if recipe.megatron.context_parallel_size > 1:
+            from trainer.model.build import have_transformer_engine
+
+            if not have_transformer_engine():
+                raise UserError("megatron.context_parallel_size > 1 needs transformer-engine's attention "
+                                "(pip install 'moe-launcher[gpu]')")
+        if recipe.megatron.param_offload:
+            raise UserError("megatron.param_offload: every SFT step needs the weights on the GPU, so there is "
+                            "nothing to offload; use optimizer_offload (Adam states and master weights in host "
+                            "memory) and grad_offload")
+        from trainer import loop
+        from trainer.data.batches import SFTData
+        from trainer.data.chat import load_tokenizer
+        from trainer.model.build import read_model_args
+
+        read_model_args(recipe.model.path)  # refuse config.json fields the trainer would ignore
+        model_dims = read_model(recipe.model.path)
+        tokenizer = load_tokenizer(recipe.model.tokenizer_path)
+        train_data = SFTData(recipe.data.train_files, recipe.data, tokenizer, recipe.trainer.seed)
+        val_rows = []
+        if recipe.data.val_files:
+            val_data = SFTData(recipe.data.val_files, recipe.data, tokenizer, recipe.trainer.seed)
+            val_data.data = _no_shuffle(recipe.data)
+            val_rows = list(val_data.rows(0))
+        if recipe.trainer.total_training_steps is None:
+            rows = train_data.count_rows()
+            recipe.trainer.total_training_steps = max(
+                1, math.ceil(rows * recipe.trainer.total_epochs / recipe.data.global_batch_size))
+        loop.setup(recipe)
+        return loop.train(recipe, run_dir, model_dims, tokenizer, train_data, val_rows)
+    except (UserError, DataError, BadRow, UnsupportedConfig) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _no_shuffle(data):
+    import dataclasses
+
+    return dataclasses.replace(data, shuffle=False)
+
+
+if __name__ == "__main__":  # dist_checkpointing's writer starts processes that re-import this module
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""SFT rows from parquet, one row group at a time, in a shuffled order fixed by seed and epoch.
+
+A row becomes a list of chat messages: single-turn rows have a prompt and a response column
+(names from the recipe), multi-turn rows a column of {role, content} messages. A row that
+cannot be used raises BadRow naming the file and row number; the caller decides whether
+that stops the run or is skipped and counted (data.skip_bad_rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class BadRow(ValueError):
+    pass
+
+
+class DataError(ValueError):
+    """A problem with a whole file (missing, unreadable, a column missing): always fatal."""
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    file: str
+    index: int
+    num_rows: int
+    first_row: int  # row number of its first row in the file
+
+
+def row_groups(files: list[str], columns: list[str]) -> list[RowGroup]:
+    groups = []
+    for path in files:
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such data file (data.train_files / data.val_files)") from None
+        except Exception as err:  # pyarrow raises its own error types for corrupt files
+            raise DataError(f"{path}: not a readable parquet file: {err}") from None
+        names = set(meta.schema.names)
+        for column in columns:
+            if column not in names:
+                raise DataError(f"{path}: column '{column}' is missing (it has {', '.join(sorted(names))}); "
+                                "set data.prompt_key/response_key or data.multiturn.messages_key")
+        start = 0
+        for i in range(meta.num_row_groups):
+            n = meta.row_group(i).num_rows
+            groups.append(RowGroup(path, i, n, start))
+            start += n
+    return groups
+
+
+def shuffled_rows(groups: list[RowGroup], columns: list[str], seed: int, epoch: int,
+                  shuffle: bool = True, skip: int = 0) -> Iterator[tuple[str, int, dict]]:
+    """(file, row number, row) for one epoch; `skip` rows are passed over without being read
+    where whole row groups can be skipped."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(groups)) if shuffle else range(len(groups))
+    for k in order:
+        group = groups[k]
+        if skip >= group.num_rows:
+            skip -= group.num_rows
+            continue
+        table = pq.ParquetFile(group.file).read_row_group(group.index, columns=columns)
+        rows = table.to_pylist()
+        inner = np.random.default_rng([seed, epoch, int(k)]).permutation(len(rows)) if shuffle else range(len(rows))
+        for i in inner:
+            if skip:
+                skip -= 1
+                continue
+            yield group.file, group.first_row + int(i), rows[int(i)]
+
+
+def to_messages(row: dict, file: str, number: int, data) -> list[dict]:
+    """The row as chat messages, or BadRow."""
+    where = f"{file}: row {number}"
+    if data.multiturn.enable:
+        messages = row.get(data.multiturn.messages_key)
+        if not isinstance(messages, list) or not messages:
+            raise BadRow(f"{where}: '{data.multiturn.messages_key}' is not a non-empty list of messages")
+    else:
+        prompt, response = row.get(data.prompt_key), row.get(data.response_key)
+        if isinstance(prompt, list):  # a chat prefix, as verl allows
+            messages = list(prompt)
+        elif isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            raise BadRow(f"{where}: '{data.prompt_key}' must be a string, found {type(prompt).__name__}")
+        if not isinstance(response, str):
+            raise BadRow(f"{where}: '{data.response_key}' must be a string, found {type(response).__name__}")
+        messages.append({"role": "assistant", "content": response})
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise BadRow(f"{where}: message {i} needs a string 'content'")
+        if message.get("role") not in ROLES:
+            raise BadRow(f"{where}: message {i} has unknown role {message.get('role')!r} "
+                         f"(expected one of {', '.join(ROLES)})")
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    if not assistant or not any(m["content"].strip() for m in assistant):
+        raise BadRow(f"{where}: no assistant response to learn from (empty response)")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -1,0 +1,349 @@
+"""The SFT loop: parallel state, model, optimizer, data, and the step, on one screen each.
+
+    setup()       distributed init, megatron-core parallel state, seeds
+    build()       this rank's model chunks in megatron-core DDP, optimizer, LR schedule
+    train()       steps of forward/backward over micro-batches, optimizer step, logging,
+                  validation and checkpoints; stops cleanly when asked to (SAVE_AND_EXIT)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainer import checkpoint, devices
+from trainer.metrics import MetricsLog, flops_per_token, peak_tflops
+
+STOP_FILE = "SAVE_AND_EXIT"  # written by the Slurm script when the time limit is near
+
+
+@dataclass
+class Run:
+    recipe: object
+    run_dir: Path
+    model: list  # model chunks (several with virtual pipeline parallelism)
+    optimizer: object
+    scheduler: object
+    config: object
+    dtype: torch.dtype
+
+
+def setup(recipe) -> None:
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if devices.on_gpu():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        devices.install_cpu_shim()
+    if not dist.is_initialized():
+        dist.init_process_group(devices.backend())
+    meg = recipe.megatron
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=meg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=meg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=meg.virtual_pipeline_model_parallel_size,
+        context_parallel_size=meg.context_parallel_size,
+        expert_model_parallel_size=meg.expert_model_parallel_size,
+        expert_tensor_parallel_size=meg.expert_tensor_parallel_size,
+    )
+    seed = recipe.trainer.seed
+    torch.manual_seed(seed)  # the same on every rank: CPU initialisation then slices the same weights
+    model_parallel_cuda_manual_seed(seed)
+
+
+def build(recipe, run_dir: Path) -> Run:
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from trainer.model.build import build_model
+
+    dtype = torch.bfloat16 if devices.on_gpu() else torch.float32
+    meg = recipe.megatron
+    vpp = meg.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        stage = vp_stage if vpp > 1 else None
+        chunks.append(build_model(
+            recipe, dtype,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage))
+    for chunk in chunks:
+        chunk.to(devices.device())
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=meg.use_distributed_optimizer, average_in_collective=False)
+    model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                     disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    optim = recipe.optim
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], clip_grad=optim.clip_grad,
+        bf16=dtype == torch.bfloat16, params_dtype=dtype,
+        use_distributed_optimizer=meg.use_distributed_optimizer,
+        optimizer_cpu_offload=meg.optimizer_offload and devices.on_gpu(),
+        optimizer_offload_fraction=1.0, use_torch_optimizer_for_cpu_offload=meg.optimizer_offload)
+    optimizer = get_megatron_optimizer(opt_config, model)
+    total = recipe.trainer.total_training_steps
+    warmup = int(recipe.optim.lr_warmup_steps_ratio * total)
+    style = {"cosine": "cosine", "linear": "linear", "constant": "constant"}[recipe.optim.lr_scheduler]
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=max(total, 1), lr_decay_style=style,
+        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max(total, 1), wd_incr_style="constant")
+    return Run(recipe=recipe, run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+               config=config, dtype=dtype)
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of per-token losses over response tokens, and their count.
+
+    megatron-core (calculate_per_token_loss) adds the counts over micro-batches and
+    data-parallel ranks and divides the gradients by the total: the loss is the mean over
+    every response token of the global batch, whatever the length of each response.
+    """
+    mask = loss_mask.reshape(-1).float()
+    total = torch.sum(output_tensor.reshape(-1).float() * mask)
+    count = mask.sum().to(torch.int)
+    return total, count, {"lm loss": torch.stack([total.detach(), mask.sum().detach()])}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def run_batches(run: Run, micro_batches: list[dict], forward_only: bool) -> tuple[float, float]:
+    """Forward (and backward) over this rank's micro-batches; (loss sum, token count) of the
+    global batch, the same on every rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    length = run.recipe.data.max_length
+    iterators = iter(micro_batches)
+    if len(run.model) > 1:
+        iterators = [iter(micro_batches) for _ in run.model]
+    outputs = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterators, model=run.model,
+        num_microbatches=len(micro_batches), seq_length=length,
+        micro_batch_size=run.recipe.data.micro_batch_size, forward_only=forward_only)
+    totals = torch.zeros(2, dtype=torch.float64, device=devices.device())
+    counts_here = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
+        and ps.get_context_parallel_rank() == 0
+    if counts_here:
+        for out in outputs:
+            totals += out["lm loss"].to(totals)
+    dist.all_reduce(totals)
+    return totals[0].item(), totals[1].item()
+
+
+def zero_grads(run: Run) -> None:
+    for chunk in run.model:
+        chunk.zero_grad_buffer()
+    run.optimizer.zero_grad()
+
+
+class RoutingCounter:
+    """Tokens routed to each expert of each MoE layer, from the routers' routing maps."""
+
+    def __init__(self, model_chunks, num_layers: int, num_experts: int):
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=devices.device())
+        for chunk in model_chunks:
+            for name, module in chunk.named_modules():
+                if name.endswith("mlp.router"):
+                    module.register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, output):
+        if torch._C._current_graph_task_id() != -1:
+            return  # the forward run again by activation recompute, inside backward
+        routing_map = output[1]
+        self.counts[module.layer_number - 1] += routing_map.sum(dim=0).to(self.counts)
+
+    def take(self, duplicates: int) -> dict[str, list[int]]:
+        dist.all_reduce(self.counts)
+        result = {f"layer_{i}": [int(round(c / duplicates)) for c in row.tolist()]
+                  for i, row in enumerate(self.counts) if row.sum() > 0}
+        self.counts.zero_()
+        return result
+
+
+def moe_aux_loss(num_microbatches: int) -> float | None:
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker, reduce_aux_losses_tracker_across_ranks)
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    names = [n for n in tracker if "load_balancing" in n]
+    if not names:
+        return None
+    reduce_aux_losses_tracker_across_ranks(names)
+    values = [tracker[n]["values"] for n in names]
+    layers = sum(int((v != 0).sum()) for v in values)
+    total = sum(float(v.sum()) for v in values)
+    clear_aux_losses_tracker()
+    return total / max(layers, 1) / max(num_microbatches, 1)
+
+
+def split_for_rank(rows: list, micro_batch_size: int) -> list[list]:
+    """This data-parallel rank's micro-batches out of a global batch of rows."""
+    from megatron.core import parallel_state as ps
+
+    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    per_step = micro_batch_size * dp
+    return [rows[j + rank * micro_batch_size: j + (rank + 1) * micro_batch_size]
+            for j in range(0, len(rows), per_step)]
+
+
+def should_stop(run_dir: Path, signalled: bool) -> bool:
+    flag = torch.tensor([1.0 if (signalled or (run_dir / STOP_FILE).exists()) else 0.0], device=devices.device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def validate(run: Run, val_rows: list) -> float | None:
+    from trainer.data.batches import collate
+
+    if not val_rows:
+        return None
+    recipe = run.recipe
+    gbs, mbs = recipe.data.global_batch_size, recipe.data.micro_batch_size
+    loss_sum = count = 0.0
+    for chunk in run.model:
+        chunk.eval()
+    with torch.no_grad():
+        for start in range(0, len(val_rows), gbs):
+            rows = val_rows[start:start + gbs]
+            rows = rows + [empty_row(val_rows[0])] * (gbs - len(rows))  # every rank: the same micro-batch count
+            batches = [collate(group, devices.device()) for group in split_for_rank(rows, mbs)]
+            s, c = run_batches(run, batches, forward_only=True)
+            loss_sum, count = loss_sum + s, count + c
+    for chunk in run.model:
+        chunk.train()
+    return loss_sum / max(count, 1)
+
+
+def empty_row(like):
+    from trainer.data.batches import Row
+
+    return Row(like.tokens.copy(), like.labels.copy(), like.loss_mask * 0, like.sample.copy())
+
+
+def offload_grads(run: Run, offload: bool) -> None:
+    """megatron.grad_offload: the gradient buffers hold nothing during validation and checkpoint
+    writes, so their memory is released then and re-allocated (zeroed) for the next step."""
+    if not run.recipe.megatron.grad_offload:
+        return
+    for chunk in run.model:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            if offload:
+                buffer.offload_to_cpu(move_params=False, move_grads=True)
+            else:
+                buffer.reload_from_cpu(move_params=False, move_grads=True)
+
+
+def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) -> int:
+    """Returns the process exit code: 0 when done or stopped cleanly with a checkpoint."""
+    import signal
+
+    from megatron.core import parallel_state as ps
+
+    from trainer.data.batches import collate
+
+    run = build(recipe, run_dir)
+    ckpt_root = Path(recipe.trainer.default_local_dir)
+    rank0 = dist.get_rank() == 0
+    step, epoch, taken = 0, 0, 0
+    resume = checkpoint.latest(ckpt_root)
+    if resume is not None:
+        state = checkpoint.load(resume, run.model, run.optimizer, run.scheduler)
+        step, epoch, taken = state["step"], state["epoch"], state["rows_taken"]
+        if rank0:
+            print(f"resumed from {resume} at step {step} (epoch {epoch}, {taken} rows into it)", flush=True)
+    elif recipe.megatron.dist_checkpointing_path:
+        checkpoint.load(Path(recipe.megatron.dist_checkpointing_path), run.model)
+        if rank0:
+            print(f"initial weights from {recipe.megatron.dist_checkpointing_path}", flush=True)
+
+    total = recipe.trainer.total_training_steps
+    log = MetricsLog(run_dir, rank0, total, recipe.trainer.tensorboard)
+    counter = RoutingCounter(run.model, model_dims.num_layers, model_dims.num_experts)
+    duplicates = ps.get_tensor_model_parallel_world_size() if not recipe.megatron.sequence_parallel else 1
+    gbs, mbs = recipe.data.global_batch_size, recipe.data.micro_batch_size
+    peak = peak_tflops()
+    per_token = flops_per_token(model_dims)
+    stream = train_data.stream(epoch, taken)
+    signalled = []
+    signal.signal(signal.SIGTERM, lambda *_: signalled.append(True))
+
+    def save() -> None:
+        offload_grads(run, True)
+        state = {"step": step, "epoch": epoch, "rows_taken": taken, "counts": dict(train_data.counts)}
+        path = checkpoint.save(ckpt_root, step, run.model, run.optimizer, run.scheduler, state)
+        offload_grads(run, False)
+        if rank0:
+            print(f"checkpoint {path}", flush=True)
+
+    def validation_pass() -> None:
+        offload_grads(run, True)
+        val_loss = validate(run, val_rows)
+        offload_grads(run, False)
+        if val_loss is not None:
+            log.log({"step": step, "val_loss": val_loss})
+
+    while step < total:
+        if should_stop(run_dir, bool(signalled)):
+            save()
+            if rank0:
+                print(f"stopped at step {step} on request; the next run resumes here", flush=True)
+            log.close()
+            return 0
+        start = time.time()
+        rows = []
+        for _ in range(gbs):
+            epoch, taken, row = next(stream)
+            rows.append(row)
+        batches = [collate(group, devices.device()) for group in split_for_rank(rows, mbs)]
+        zero_grads(run)
+        loss_sum, count = run_batches(run, batches, forward_only=False)
+        ok, grad_norm, _ = run.optimizer.step()
+        run.scheduler.step(increment=1)
+        step += 1
+        aux = moe_aux_loss(len(batches))
+        routed = counter.take(duplicates)
+        elapsed = time.time() - start
+        tokens = float(sum(int((r.sample < r.sample.max()).sum()) for r in rows))
+        tflops = per_token * tokens / elapsed / dist.get_world_size() / 1e12
+        record = {"step": step, "epoch": epoch, "loss": loss_sum / max(count, 1), "lr": run.optimizer.param_groups[0]["lr"],
+                  "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                  "tokens_per_s": tokens / elapsed, "response_tokens": int(count), "step_time_s": elapsed,
+                  "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
+                  "moe_aux_loss": aux, "tokens_per_expert": routed, "skipped_update": not ok}
+        if devices.on_gpu():
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        log.log(record, console=step % recipe.trainer.log_every == 0 or step == total)
+        if recipe.trainer.test_freq > 0 and step % recipe.trainer.test_freq == 0 and step < total:
+            validation_pass()
+        if recipe.trainer.save_freq > 0 and step % recipe.trainer.save_freq == 0 and step < total:
+            save()
+    validation_pass()
+    save()
+    if rank0:
+        bad = train_data.counts
+        if bad:
+            print(f"data: {dict(bad)}", flush=True)
+        print(f"done: {step} steps; metrics {run_dir / 'metrics.jsonl'}; checkpoint {ckpt_root / 'latest'}", flush=True)
+    log.close()
+    return 0
