@@ -19,8 +19,10 @@ import torch
 import torch.distributed as dist
 
 
-# Optimizer state in the canonical per-parameter form, so a checkpoint loads under any layout.
-OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Optimizer state in the canonical per-parameter form, under names that do not depend on how
+# many optimizers megatron-core chains (one, or one for dense and one for expert weights, by
+# layout), so a checkpoint loads under any layout.
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
 def latest(root: Path) -> Path | None:
@@ -31,10 +33,14 @@ def latest(root: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)  # megatron-core DDP keeps the model in .module
+
+
 def _model_state(model_chunks) -> dict:
     if len(model_chunks) == 1:
-        return {"model": model_chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
 
 
 def save(root: Path, step: int, model_chunks, optimizer, scheduler, trainer_state: dict) -> Path:
@@ -67,6 +73,66 @@ def save(root: Path, step: int, model_chunks, optimizer, scheduler, trainer_stat
     return final
 
 
+def _materialise_adam_state(optimizer) -> None:
+    """Give a fresh torch Adam its state tensors and step before loading into it.
+
+    megatron-core 0.16 without apex or transformer-engine reads the step count out of the
+    torch optimizer's state, which is empty until the first step.
+    """
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = getattr(chained, "optimizer", None)
+        if adam is None:
+            continue
+        for group in adam.param_groups:
+            for param in group["params"]:
+                state = adam.state[param]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(param.data)
+                    state["exp_avg_sq"] = torch.zeros_like(param.data)
+                state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def _keep_step_when_copying_states() -> None:
+    """megatron-core 0.16 with torch's Adam (no apex, no transformer-engine) sets a step in
+    every parameter's state from the param groups, then copies each state entry from the
+    checkpoint's tensors, which leave the step out: a KeyError. Keep the step it just set."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "keeps_step", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+            if "step" in state:
+                tensors = {**tensors, "step": state["step"].clone()}
+        return original(self, model_param, tensors)
+
+    set_states.keeps_step = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def _unshare_steps(optimizer) -> None:
+    """megatron-core gives every parameter the same step tensor on load; torch's Adam adds 1 to
+    it in place once per parameter, which would advance the bias correction many steps at a time."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        adam = getattr(chained, "optimizer", None)
+        for state in (adam.state.values() if adam is not None else []):
+            if "step" in state:
+                state["step"] = state["step"].clone()
+
+
+def _optimizer_parts(state) -> list[dict]:
+    """The state dicts of each chained optimizer (a dict keyed 0, 1, ... when there are several)."""
+    if state is None:
+        return []
+    if "param_state" not in state and all(isinstance(k, int) for k in state):
+        return [state[k] for k in sorted(state)]
+    return [state]
+
+
 def load(path: Path, model_chunks, optimizer=None, scheduler=None) -> dict:
     """Load weights (and, given them, optimizer and scheduler); returns the trainer state."""
     from megatron.core import dist_checkpointing
@@ -74,18 +140,35 @@ def load(path: Path, model_chunks, optimizer=None, scheduler=None) -> dict:
 
     state = _model_state(model_chunks)
     if optimizer is not None:
+        _materialise_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_FORMAT)
+    requested = [{k: v for k, v in part.items() if not isinstance(k, int)}
+                 for part in _optimizer_parts(state.get("optimizer"))]
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(model_chunks):
-        chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        _unwrap(chunk).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
     trainer_state = {}
     state_file = path / "trainer_state.json"
     if state_file.exists():
         trainer_state = json.loads(state_file.read_text())
         if scheduler is not None:
             scheduler.load_state_dict(trainer_state["scheduler"])
+    if optimizer is not None:
+        # Per-parameter states reshard; the small non-tensor part (param groups, step) is kept
+        # per chained optimizer, whose count changes with the layout (dense and expert
+        # optimizers are merged when EP=1). Where the checkpoint's does not fit, take this
+        # optimizer's own groups with the step count of the checkpoint.
+        loaded_parts = _optimizer_parts(loaded["optimizer"])
+        for mine, theirs in zip(requested, loaded_parts):
+            for key in [k for k in theirs if isinstance(k, int)]:
+                del theirs[key]  # another layout's per-optimizer entries
+            for key, value in mine.items():
+                theirs.setdefault(key, value)
+            for group in theirs["optimizer"]["param_groups"]:
+                group["step"] = trainer_state.get("step", 0)  # one optimizer step per trainer step
+        _keep_step_when_copying_states()
+        optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_steps(optimizer)
     rng_file = path / "rng" / f"rank{dist.get_rank():05d}.pt"
     if optimizer is not None and rng_file.exists():  # same layout: continue the same random streams
         rng = torch.load(rng_file, weights_only=False)

@@ -76,11 +76,29 @@ def layer_spec(config, vp_stage=None):
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
                                       vp_stage=vp_stage)
     if not use_te:
-        from trainer.model.attention import SDPAttention
+        from megatron.core.transformer.spec_utils import ModuleSpec
 
+        from trainer.model.attention import SDPAttention
+        from trainer.model.norm import RMSNorm
+
+        norm = ModuleSpec(module=RMSNorm)
+        spec.layer_norm = norm
         for layer in spec.layer_specs:
-            layer.submodules.self_attention.submodules.core_attention = SDPAttention
+            sub = layer.submodules
+            sub.input_layernorm = sub.pre_mlp_layernorm = norm
+            attention = sub.self_attention.submodules
+            attention.core_attention = SDPAttention
+            for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):
+                if getattr(attention, name, None) not in (None,) and _is_norm(getattr(attention, name)):
+                    setattr(attention, name, norm)
     return spec
+
+
+def _is_norm(spec) -> bool:
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    module = getattr(spec, "module", spec)
+    return module is not IdentityOp
 
 
 def build_model(recipe, dtype: torch.dtype, pre_process: bool, post_process: bool, vp_stage=None):

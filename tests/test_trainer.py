@@ -1,0 +1,140 @@
+"""The trainer for real: megatron-core on the CPU over gloo, 1 or 2 ranks, the tiny recipe.
+
+Layout equivalence runs start from one shared checkpoint (trained 1 step with lr=0, so it
+holds the initial weights) loaded through megatron.dist_checkpointing_path.
+"""
+
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.trainer_helpers import losses, plain_tensors, train
+
+pytest.importorskip("megatron.core")
+
+# A constant LR, and no aux loss: with sequence parallelism (TP > 1) megatron-core computes the
+# load-balancing loss per sequence shard, so TP changes that term (not the LM loss) slightly.
+STEADY = ["optim.lr_scheduler=constant", "optim.lr_warmup_steps_ratio=0", "optim.lr=0.003", "optim.min_lr=0",
+          "trainer.test_freq=-1", "trainer.save_freq=-1", "data.val_files=[]",
+          "model.override_config.moe_config.aux_loss_coeff=0"]
+
+
+@pytest.fixture(scope="module")
+def init_checkpoint(tmp_path_factory):
+    run = tmp_path_factory.mktemp("init")
+    train(run, "trainer.total_training_steps=1", "optim.lr=0", "optim.min_lr=0", "optim.lr_warmup_steps_ratio=0",
+          "megatron.expert_model_parallel_size=1", "data.val_files=[]")
+    return run / "checkpoints" / "step_000001"
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, init_checkpoint):
+    """EP=2 over 2 ranks, 6 steps, a checkpoint at step 3."""
+    run = tmp_path_factory.mktemp("ep2")
+    _, _, metrics = train(run, f"megatron.dist_checkpointing_path={init_checkpoint}", "trainer.total_training_steps=6",
+                          *STEADY, "megatron.expert_model_parallel_size=2", "trainer.save_freq=3")
+    return run, losses(metrics)
+
+
+def test_loss_falls_and_validation_is_logged(tmp_path):
+    _, log, metrics = train(tmp_path, "trainer.total_training_steps=30", "trainer.test_freq=15")
+    train_losses = losses(metrics)
+    assert len(train_losses) == 30 and train_losses[-1] < 0.5 * train_losses[0]
+    val = [m for m in metrics if "val_loss" in m]
+    assert [m["step"] for m in val] == [15, 30] and val[-1]["val_loss"] < val[0]["val_loss"]
+    last = [m for m in metrics if "loss" in m][-1]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu", "moe_aux_loss",
+                "tokens_per_expert"):
+        assert key in last
+    routed = last["tokens_per_expert"]
+    assert set(routed) == {"layer_0", "layer_1"} and all(len(v) == 4 for v in routed.values())
+    # top-2 routing: every response and prompt token goes to 2 experts
+    assert sum(routed["layer_0"]) == sum(routed["layer_1"]) > 0
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_000030"
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    assert "done: 30 steps" in log
+
+
+@pytest.mark.parametrize("layout", [
+    ["megatron.expert_model_parallel_size=1"],
+    ["megatron.expert_model_parallel_size=1", "megatron.pipeline_model_parallel_size=2"],
+    ["megatron.expert_model_parallel_size=1", "megatron.tensor_model_parallel_size=2"],
+], ids=["ep1", "pp2", "tp2"])
+def test_layouts_give_the_same_losses_as_ep2(tmp_path, init_checkpoint, baseline, layout):
+    _, expected = baseline
+    _, _, metrics = train(tmp_path, f"megatron.dist_checkpointing_path={init_checkpoint}",
+                          "trainer.total_training_steps=6", *STEADY, *layout)
+    assert losses(metrics) == pytest.approx(expected, rel=1e-5)
+
+
+def test_save_under_ep2_resume_under_ep1(tmp_path, baseline):
+    run, expected = baseline
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(run / "checkpoints" / "step_000003", checkpoints / "step_000003")
+    (checkpoints / "latest").write_text("step_000003\n")
+    _, log, metrics = train(tmp_path, "trainer.total_training_steps=6", *STEADY, "megatron.expert_model_parallel_size=1")
+    assert "resumed from" in log and "at step 3" in log
+    assert [m["step"] for m in metrics if "loss" in m] == [4, 5, 6]
+    assert losses(metrics) == pytest.approx(expected[3:], rel=1e-5)
+
+
+def test_frozen_router_stays_bit_identical(tmp_path, init_checkpoint):
+    train(tmp_path, f"megatron.dist_checkpointing_path={init_checkpoint}", "trainer.total_training_steps=3", *STEADY,
+          "model.override_config.moe_config.freeze_moe_router=true")
+    before = plain_tensors(init_checkpoint)
+    after = plain_tensors(tmp_path / "checkpoints" / "step_000003")
+    routers = [k for k in before if ".router." in k and not k.startswith("optimizer.")]
+    assert routers
+    for key in routers:
+        assert torch.equal(before[key], after[key]), key
+    assert not torch.equal(before["decoder.layers.self_attention.linear_qkv.weight"],
+                           after["decoder.layers.self_attention.linear_qkv.weight"])
+
+
+def unequal_data(path):
+    """Short responses first, then long ones: without shuffling, rank 0 gets the short ones."""
+    short = [{"prompt": f"Count: apple{i}", "response": "1"} for i in range(4)]
+    long = [{"prompt": "Reverse: x", "response": " ".join(["river stone cloud green"] * 6)} for _ in range(4)]
+    rows = short + long
+    pq.write_table(pa.table({"prompt": [r["prompt"] for r in rows], "response": [r["response"] for r in rows]}), path)
+    return path
+
+
+def test_loss_is_the_mean_over_all_response_tokens_of_the_global_batch(tmp_path, init_checkpoint):
+    """DP=2 with unequal response lengths per rank and two micro-batches each must match
+    one rank that sees the whole batch: same loss and same gradient norm."""
+    data = unequal_data(tmp_path / "unequal.parquet")
+    common = [f"megatron.dist_checkpointing_path={init_checkpoint}", "trainer.total_training_steps=2", *STEADY,
+              f"data.train_files={data}", "data.pack_sequences=false", "data.shuffle=false",
+              "data.micro_batch_size=1", "data.global_batch_size=8", "megatron.expert_model_parallel_size=1"]
+    _, _, two = train(tmp_path / "dp2", *common, nproc=2)
+    _, _, one = train(tmp_path / "dp1", *common, nproc=1)
+    steps2 = [m for m in two if "loss" in m]
+    steps1 = [m for m in one if "loss" in m]
+    for a, b in zip(steps2, steps1):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["response_tokens"] == b["response_tokens"]
+
+
+def test_packed_and_unpacked_batches_give_the_same_loss(tmp_path, init_checkpoint):
+    from launcher.recipe import load_recipe
+    from tests.trainer_helpers import TINY
+    from trainer.data.batches import SFTData
+    from trainer.data.chat import load_tokenizer
+
+    data = unequal_data(tmp_path / "eight.parquet")
+    recipe = load_recipe(TINY, [f"data.train_files={data}", "data.shuffle=false"])
+    packed_rows = len(list(SFTData([str(data)], recipe.data, load_tokenizer(recipe.model.tokenizer_path), 0).rows(0)))
+    assert packed_rows < 8
+    common = [f"megatron.dist_checkpointing_path={init_checkpoint}", "trainer.total_training_steps=1", *STEADY,
+              f"data.train_files={data}", "data.shuffle=false", "megatron.expert_model_parallel_size=1"]
+    _, _, packed = train(tmp_path / "packed", *common, "data.pack_sequences=true", "data.micro_batch_size=1",
+                         f"data.global_batch_size={packed_rows}", nproc=1)
+    _, _, unpacked = train(tmp_path / "unpacked", *common, "data.pack_sequences=false", "data.micro_batch_size=4",
+                           "data.global_batch_size=8", nproc=1)
+    assert losses(packed) == pytest.approx(losses(unpacked), rel=1e-5)
+    assert packed[0]["response_tokens"] == unpacked[0]["response_tokens"]
