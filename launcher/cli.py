@@ -36,6 +36,20 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit the job")
     _job_args(p)
     p.add_argument("--dry-run", action="store_true", help="render and print what would be submitted")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 if it failed")
+    how.add_argument("--follow", action="store_true", help="stream the job's log until it ends")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser("status", help="state, exit code, nodes and times of a job")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("list", help="recent jobs")
+    p.add_argument("-n", type=int, default=20, help="how many (default 20)")
+    p = sub.add_parser("logs", help="a job's output")
+    p.add_argument("job_id")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the job ends")
+    p = sub.add_parser("cancel", help="stop a job")
+    p.add_argument("job_id")
     return top
 
 
@@ -43,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     top = parser()
     # key=value overrides may come before or after options; argparse leaves the late ones over.
     args, extra = top.parse_known_args(argv)
-    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "recipe")]
     if unknown:
         top.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
@@ -150,8 +164,146 @@ def cmd_submit(args) -> int:
         print(f"# dry run: would run `{how}` for job {job.name}; run directory {job.run_dir}")
         sys.stdout.write(_stdout_text(files))
         return EXIT_OK
-    raise UserError("launcher submit: only --dry-run is available in this version; "
-                    "render with `launcher render -o DIR` and submit the files")
+    from launcher.backends import backend_for
+    from launcher.store import JobStore
+
+    backend = backend_for(job.cluster)
+    store = JobStore()
+    record = backend.submit(job, files)  # raises UserError, recording nothing, when it fails
+    store.add(record)
+    if not args.json:
+        print(f"submitted job {record.job_id} ({job.name}) to {job.cluster.name}; run directory {job.run_dir}",
+              flush=True)
+    if not (args.wait or args.follow):
+        if args.json:
+            print(json.dumps({"job_id": record.job_id, "run_dir": record.run_dir}))
+        return EXIT_OK
+    if args.follow:
+        for chunk in backend.logs(record, follow=True):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    status = wait_for(backend, record)
+    return finish(backend, record, status, args.json)
 
 
-COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "render": cmd_render, "submit": cmd_submit}
+def wait_for(backend, record, poll_s: float = 2.0):
+    import time
+
+    while True:
+        status = backend.status(record)
+        if status.finished:
+            return status
+        time.sleep(poll_s)
+
+
+def finish(backend, record, status, as_json: bool) -> int:
+    ok = status.state == "COMPLETED"
+    if as_json:
+        print(json.dumps({"job_id": record.job_id, "run_dir": record.run_dir, "state": status.state,
+                          "exit_code": status.exit_code}))
+    else:
+        print(f"job {record.job_id} {status.state} (exit code {status.exit_code})")
+        if ok:
+            checkpoints = _checkpoint_dir(record)
+            summary = _loss_summary(Path(record.run_dir) / "metrics.jsonl")
+            if summary:
+                print(summary)
+            print(f"metrics: {Path(record.run_dir) / 'metrics.jsonl'}")
+            if checkpoints:
+                print(f"checkpoint: {checkpoints}")
+        else:
+            log = "".join(backend.logs(record))
+            # torchrun's failure report ends the log; the trainer's own error lines say why
+            errors = list(dict.fromkeys(line for line in log.splitlines() if line.startswith("error: ")))
+            for line in errors[:5]:
+                print(f"the job said: {line}")
+            print("--- last lines of the log ---")
+            print("\n".join(log.splitlines()[-30:]))
+    return EXIT_OK if ok else EXIT_JOB_FAILED
+
+
+def _loss_summary(path: Path) -> str | None:
+    """'loss 6.27 -> 1.23 over 60 steps; validation loss 2.53 -> 1.28' from metrics.jsonl."""
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        return None
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    if not train:
+        return None
+    text = f"loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f} over {train[-1]['step']} steps"
+    if val:
+        text += f"; validation loss {val[0]['val_loss']:.3f} -> {val[-1]['val_loss']:.3f}"
+    return text
+
+
+def _checkpoint_dir(record) -> str | None:
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((Path(record.run_dir) / "recipe.yaml").read_text())
+        root = Path(recipe["trainer"]["default_local_dir"])
+        latest = (root / "latest").read_text().strip()
+        return str(root / latest)
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+
+
+def _backend_for_record(job_id: str):
+    from launcher.backends import backend_for
+    from launcher.cluster import load_cluster
+    from launcher.store import JobStore
+
+    record = JobStore().get(job_id)
+    return backend_for(load_cluster(record.cluster)), record
+
+
+def cmd_status(args) -> int:
+    backend, record = _backend_for_record(args.job_id)
+    status = backend.status(record)
+    if args.json:
+        print(json.dumps({"job_id": record.job_id, "name": record.name, "state": status.state,
+                          "exit_code": status.exit_code, "nodes": status.nodes, "start": status.start,
+                          "end": status.end, "reason": status.reason, "run_dir": record.run_dir}))
+    else:
+        print(f"job        {record.job_id} ({record.name}, {record.backend})")
+        print(f"state      {status.state}" + (f" ({status.reason})" if status.reason else ""))
+        print(f"exit code  {status.exit_code if status.exit_code is not None else '-'}")
+        print(f"nodes      {status.nodes or '-'}")
+        print(f"start      {status.start or '-'}")
+        print(f"end        {status.end or '-'}")
+        print(f"run dir    {record.run_dir}")
+    return EXIT_OK
+
+
+def cmd_list(args) -> int:
+    from datetime import datetime
+
+    from launcher.store import JobStore
+
+    records = JobStore().recent(args.n)
+    print(f"{'JOB':<22} {'NAME':<24} {'BACKEND':<10} {'SUBMITTED':<19} RUN DIR")
+    for r in records:
+        when = datetime.fromtimestamp(r.submitted_at).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{r.job_id:<22} {r.name:<24} {r.backend:<10} {when:<19} {r.run_dir}")
+    return EXIT_OK
+
+
+def cmd_logs(args) -> int:
+    backend, record = _backend_for_record(args.job_id)
+    for chunk in backend.logs(record, follow=args.follow):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    return EXIT_OK
+
+
+def cmd_cancel(args) -> int:
+    backend, record = _backend_for_record(args.job_id)
+    backend.cancel(record)
+    print(f"cancelled job {record.job_id}")
+    return EXIT_OK
+
+
+COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "render": cmd_render, "submit": cmd_submit,
+            "status": cmd_status, "list": cmd_list, "logs": cmd_logs, "cancel": cmd_cancel}

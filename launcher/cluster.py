@@ -34,6 +34,7 @@ class SlurmSection:
     # Seconds before the time limit at which the job is told to save and requeue itself.
     signal_before_timeout_s: int = 300
     mem_per_node: str = "0"  # Slurm --mem; "0" is the whole node
+    conf: Optional[str] = None  # SLURM_CONF for the client commands, when not the system's
 
 
 @dataclass

@@ -7,13 +7,17 @@ checks them here so a bad manifest fails at render time, not in the cluster.
 
 from __future__ import annotations
 
+import json
+import os
+
 import yaml
 
-from launcher.backends.base import Backend
+from launcher.backends.base import Backend, JobStatus
 from launcher.errors import UserError
 from launcher.job import Job
 from launcher.recipe import time_limit_seconds
 from launcher.render import rfc1123_name
+from launcher.store import JobRecord, now
 
 RECIPE_MOUNT = "/etc/moe-launcher"
 # Pods are named <job>-worker-<index>; keep room for that inside 63 characters.
@@ -44,7 +48,158 @@ def webhook_problems(job: dict) -> list[str]:
     return problems
 
 
-class KubernetesBackend(Backend):
+# Submit, follow and cancel through the Kubernetes API (the `kubernetes` client, imported
+# only here: rendering never loads it).
+
+CONDITION_STATES = {"Created": "PENDING", "Running": "RUNNING", "Restarting": "RUNNING",
+                    "Succeeded": "COMPLETED", "Failed": "FAILED", "Suspended": "PENDING"}
+GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+
+
+def _api(cluster):
+    try:
+        from kubernetes import client, config
+        from kubernetes.config.config_exception import ConfigException
+    except ImportError:
+        raise UserError("the kubernetes package is missing: pip install kubernetes") from None
+    k8s = cluster.kubernetes
+    path = os.path.expanduser(k8s.kubeconfig) if k8s.kubeconfig else None
+    try:
+        api_client = config.new_client_from_config(config_file=path, context=k8s.context)
+    except (ConfigException, OSError, TypeError) as err:
+        where = path or os.environ.get("KUBECONFIG", "~/.kube/config")
+        raise UserError(f"{cluster.source}: kubernetes.kubeconfig: cannot use {where}: {_first_line(err)}") from None
+    return client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
+
+
+def _first_line(err) -> str:
+    return " ".join(str(err).split())[:300]
+
+
+def _api_error(action: str, err) -> UserError:
+    body = getattr(err, "body", None)
+    message = None
+    if body:
+        try:
+            message = json.loads(body).get("message")
+        except (ValueError, AttributeError):
+            message = str(body)[:300]
+    reason = message or getattr(err, "reason", None) or _first_line(err)
+    return UserError(f"{action}: the API server said: {reason}")
+
+
+def _call(action: str, fn, *args, **kwargs):
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        return fn(*args, **kwargs)
+    except ApiException as err:
+        raise _api_error(action, err) from None
+    except HTTPError as err:
+        raise UserError(f"{action}: the API server does not answer: {_first_line(err)}") from None
+
+
+class KubernetesJobs:
+    def submit(self, job: Job, files: dict[str, str]) -> JobRecord:
+        configmap, pytorchjob = self.manifests(job)
+        core, custom = _api(self.cluster)
+        namespace = pytorchjob["metadata"]["namespace"]
+        name = pytorchjob["metadata"]["name"]
+        _call(f"create ConfigMap {configmap['metadata']['name']}", core.create_namespaced_config_map,
+              namespace, configmap)
+        try:
+            _call(f"create PyTorchJob {name}", custom.create_namespaced_custom_object,
+                  GROUP, VERSION, namespace, PLURAL, pytorchjob)
+        except UserError:
+            # nothing half-submitted: the recipe's ConfigMap goes too
+            _call("delete ConfigMap", core.delete_namespaced_config_map, configmap["metadata"]["name"], namespace)
+            raise
+        return JobRecord(job_id=f"k8s/{namespace}/{name}", backend="kubernetes", cluster=self.cluster.source,
+                         name=job.name, run_dir=job.run_dir, submitted_at=now(),
+                         details={"namespace": namespace, "name": name, "configmap": configmap["metadata"]["name"]})
+
+    def status(self, record: JobRecord) -> JobStatus:
+        from kubernetes.client.exceptions import ApiException
+
+        core, custom = _api(self.cluster)
+        ns, name = record.details["namespace"], record.details["name"]
+        try:
+            obj = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        except ApiException as err:
+            if err.status == 404:
+                cancelled = record.details.get("cancelled")
+                return JobStatus("CANCELLED" if cancelled else "UNKNOWN",
+                                 reason=None if cancelled else "the PyTorchJob no longer exists")
+            raise _api_error(f"get PyTorchJob {name}", err) from None
+        status = obj.get("status") or {}
+        state, reason = "PENDING", None
+        for condition in status.get("conditions") or []:
+            if condition.get("status") == "True" and condition.get("type") in CONDITION_STATES:
+                state = CONDITION_STATES[condition["type"]]
+                reason = condition.get("reason")
+        pod = self._master_pod(core, record)
+        exit_code, nodes = None, None
+        if pod is not None:
+            nodes = (pod.get("spec") or {}).get("nodeName")
+            for container in (pod.get("status") or {}).get("containerStatuses") or []:
+                terminated = (container.get("state") or {}).get("terminated")
+                if container.get("name") == "pytorch" and terminated:
+                    exit_code = terminated.get("exitCode")
+        return JobStatus(state, exit_code=exit_code if state in ("COMPLETED", "FAILED") else None, nodes=nodes,
+                         start=status.get("startTime"), end=status.get("completionTime"), reason=reason)
+
+    def _master_pod(self, core, record: JobRecord) -> dict | None:
+        ns, name = record.details["namespace"], record.details["name"]
+        pods = _call("list pods", core.list_namespaced_pod, ns, _preload_content=False,
+                     label_selector=f"training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master")
+        items = json.loads(pods.data).get("items") or []
+        return items[0] if items else None
+
+    def log_path(self, record: JobRecord):
+        return None  # logs come from the master pod
+
+    def logs(self, record: JobRecord, follow: bool = False, poll_s: float = 2.0):
+        import time
+
+        core, _ = _api(self.cluster)
+        seen = 0
+        while True:
+            pod = self._master_pod(core, record)
+            if pod is not None:
+                text = _call("read log", core.read_namespaced_pod_log, pod["metadata"]["name"],
+                             record.details["namespace"], container="pytorch")
+                if len(text) > seen:
+                    yield text[seen:]
+                    seen = len(text)
+            if not follow or self.status(record).finished:
+                return
+            time.sleep(poll_s)
+
+    def cancel(self, record: JobRecord) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        core, custom = _api(self.cluster)
+        ns = record.details["namespace"]
+        for action, fn, name in (("delete PyTorchJob", custom.delete_namespaced_custom_object, None),
+                                 ("delete ConfigMap", core.delete_namespaced_config_map, record.details["configmap"])):
+            try:
+                if name is None:
+                    fn(GROUP, VERSION, ns, PLURAL, record.details["name"])
+                else:
+                    fn(name, ns)
+            except ApiException as err:
+                if err.status != 404:
+                    raise _api_error(action, err) from None
+        record.details["cancelled"] = True
+        from launcher.store import JobStore
+
+        JobStore().add(record)
+
+
+class KubernetesBackend(KubernetesJobs, Backend):
+    name = "kubernetes"
+
     def names(self, job: Job) -> tuple[str, str]:
         name = rfc1123_name(job.name, MAX_JOB_NAME)
         return name, f"{name}-recipe"

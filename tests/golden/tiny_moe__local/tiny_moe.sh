@@ -1,7 +1,7 @@
 #!/bin/bash
 # tiny_moe: rendered by moe-launcher 0.1.0 from recipes/tiny_moe.yaml for cluster local.
 # Layout: world 2 = TP1 x CP1 x DP2 x PP1; experts ETP1 x EP2 x EDP1 x PP1; 0.5 of 8 GiB per process
-set -euo pipefail
+set -uo pipefail
 
 RUN_DIR=@HOME@/moe-runs/tiny_moe
 mkdir -p "$RUN_DIR/logs"
@@ -85,8 +85,12 @@ MOE_LAUNCHER_RECIPE_END
 export PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS=1
 
-exec python3 -m torch.distributed.run \
+rm -f "$RUN_DIR/exit_code"
+status=0
+python3 -m torch.distributed.run \
     --standalone \
     --nnodes=1 \
     --nproc-per-node=2 \
-    -m trainer --config "$RUN_DIR/recipe.yaml"
+    -m trainer --config "$RUN_DIR/recipe.yaml" || status=$?
+echo "$status" > "$RUN_DIR/exit_code"
+exit "$status"

@@ -1,0 +1,163 @@
+"""A FAKE Kubernetes API server for the tests: no kube-apiserver can run on these machines.
+
+It implements only the endpoints the launcher's Kubernetes backend calls (ConfigMaps,
+kubeflow.org/v1 PyTorchJobs, pods and pod logs) and holds objects in memory. Every body it
+receives is validated the way the real cluster would: PyTorchJobs against the Kubeflow
+CRD schema with unknown fields rejected plus the operator's webhook rules, ConfigMaps
+against the Kubernetes schema. Tests set a job's conditions and pods to play the operator.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+import jsonschema
+
+
+class FakeKubernetes:
+    def __init__(self, pytorchjob_schema: dict):
+        self.schema = pytorchjob_schema
+        self.configmaps: dict[tuple, dict] = {}
+        self.jobs: dict[tuple, dict] = {}
+        self.pods: dict[tuple, dict] = {}
+        self.logs: dict[tuple, str] = {}
+        self.requests: list[tuple[str, str]] = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def kubeconfig(self, path) -> None:
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+            "users": [{"name": "fake", "user": {"token": "fake-token"}}]}))
+
+    def run_job(self, namespace: str, name: str, condition: str, exit_code: int | None = None, log: str = "") -> None:
+        """Play the training operator: set the job's condition and its master pod."""
+        job = self.jobs[(namespace, name)]
+        job["status"] = {"conditions": [{"type": condition, "status": "True", "reason": f"PyTorchJob{condition}"}],
+                         "startTime": "2026-11-24T03:00:00Z"}
+        pod = {"metadata": {"name": f"{name}-master-0", "namespace": namespace,
+                            "labels": {"training.kubeflow.org/job-name": name,
+                                       "training.kubeflow.org/replica-type": "master"}},
+               "spec": {"nodeName": "gpu-node-1"}, "status": {"containerStatuses": []}}
+        if exit_code is not None:
+            pod["status"]["containerStatuses"] = [{"name": "pytorch", "state": {"terminated": {"exitCode": exit_code}}}]
+        self.pods[(namespace, pod["metadata"]["name"])] = pod
+        self.logs[(namespace, pod["metadata"]["name"])] = log
+
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, code: int, body) -> None:
+                data = json.dumps(body).encode() if not isinstance(body, str) else body.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json" if not isinstance(body, str) else "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def status(self, code: int, message: str) -> None:
+                self.reply(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
+                                  "code": code})
+
+            def body(self) -> dict:
+                return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+
+            def route(self, method: str) -> None:
+                url = urlparse(self.path)
+                fake.requests.append((method, url.path))
+                m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/configmaps(?:/([^/]+))?", url.path)
+                if m:
+                    return self.configmap(method, m.group(1), m.group(2))
+                m = re.fullmatch(r"/apis/kubeflow.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/]+))?", url.path)
+                if m:
+                    return self.pytorchjob(method, m.group(1), m.group(2))
+                m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods", url.path)
+                if m and method == "GET":
+                    selector = dict(p.split("=") for p in parse_qs(url.query).get("labelSelector", [""])[0].split(",")
+                                    if "=" in p)
+                    items = [p for (ns, _), p in fake.pods.items() if ns == m.group(1)
+                             and all(p["metadata"]["labels"].get(k) == v for k, v in selector.items())]
+                    return self.reply(200, {"kind": "PodList", "apiVersion": "v1", "items": items})
+                m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log", url.path)
+                if m and method == "GET":
+                    return self.reply(200, fake.logs.get((m.group(1), m.group(2)), ""))
+                self.status(404, f"the fake API server does not implement {method} {url.path}")
+
+            def configmap(self, method, namespace, name):
+                if method == "POST":
+                    import kubernetes_validate
+
+                    body = self.body()
+                    try:
+                        kubernetes_validate.validate(body, "1.33.0", strict=True)
+                    except kubernetes_validate.ValidationError as err:
+                        return self.status(422, f"ConfigMap is invalid: {err.message}")
+                    key = (namespace, body["metadata"]["name"])
+                    if key in fake.configmaps:
+                        return self.status(409, f'configmaps "{key[1]}" already exists')
+                    fake.configmaps[key] = body
+                    return self.reply(201, body)
+                if method == "DELETE":
+                    if fake.configmaps.pop((namespace, name), None) is None:
+                        return self.status(404, f'configmaps "{name}" not found')
+                    return self.reply(200, {"kind": "Status", "status": "Success"})
+                self.status(405, "method not allowed")
+
+            def pytorchjob(self, method, namespace, name):
+                from launcher.backends.kubernetes import webhook_problems
+
+                if method == "POST":
+                    body = self.body()
+                    try:
+                        jsonschema.validate(body, fake.schema)
+                    except jsonschema.ValidationError as err:
+                        return self.status(422, f"PyTorchJob is invalid: {err.message}")
+                    problems = webhook_problems(body)
+                    if problems:
+                        return self.status(403, "admission webhook denied the request: " + "; ".join(problems))
+                    key = (namespace, body["metadata"]["name"])
+                    if key in fake.jobs:
+                        return self.status(409, f'pytorchjobs.kubeflow.org "{key[1]}" already exists')
+                    fake.jobs[key] = body
+                    return self.reply(201, body)
+                if method == "GET":
+                    job = fake.jobs.get((namespace, name))
+                    return self.reply(200, job) if job else self.status(404, f'pytorchjobs "{name}" not found')
+                if method == "DELETE":
+                    if fake.jobs.pop((namespace, name), None) is None:
+                        return self.status(404, f'pytorchjobs "{name}" not found')
+                    return self.reply(200, {"kind": "Status", "status": "Success"})
+                self.status(405, "method not allowed")
+
+            def do_GET(self):
+                self.route("GET")
+
+            def do_POST(self):
+                self.route("POST")
+
+            def do_DELETE(self):
+                self.route("DELETE")
+
+        return Handler

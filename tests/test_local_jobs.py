@@ -1,0 +1,67 @@
+"""Jobs on this machine through `launcher submit --cluster local`: the README's main command."""
+
+import json
+import time
+
+import pytest
+
+from tests.conftest import RECIPES, run_launcher
+
+pytest.importorskip("megatron.core")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A private job store and run root for each test."""
+    profile = tmp_path / "local.yaml"
+    profile.write_text(f"backend: local\ngpus_per_node: 0\ngpu_memory_gib: 16\nrun_root: {tmp_path / 'runs'}\n")
+    env = {"MOE_LAUNCHER_HOME": str(tmp_path / "home")}
+    return tmp_path, str(profile), env
+
+
+def test_submit_wait_trains_and_reports(home):
+    tmp_path, profile, env = home
+    rc, out, err = run_launcher("submit", RECIPES / "tiny_moe.yaml", "--cluster", profile, "--wait", "--json",
+                                "trainer.total_training_steps=20", env=env, timeout=300)
+    assert rc == 0, err
+    result = json.loads(out.splitlines()[-1])
+    assert result["state"] == "COMPLETED" and result["exit_code"] == 0
+    run_dir = tmp_path / "runs" / "tiny_moe"
+    assert result["run_dir"] == str(run_dir)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 20 and losses[-1] < losses[0] - 1.0
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000020"
+    rc, out, _ = run_launcher("status", result["job_id"], "--json", env=env)
+    assert rc == 0 and json.loads(out)["state"] == "COMPLETED"
+    rc, out, _ = run_launcher("logs", result["job_id"], env=env)
+    assert "done: 20 steps" in out
+    rc, out, _ = run_launcher("list", env=env)
+    assert result["job_id"] in out
+
+
+def test_failed_job_exits_1_with_log_tail(home, tmp_path):
+    _, profile, env = home
+    rc, out, err = run_launcher("submit", RECIPES / "tiny_moe.yaml", "--cluster", profile, "--wait",
+                                f"data.train_files={tmp_path / 'missing.parquet'}", env=env, timeout=300)
+    assert rc == 1
+    assert "FAILED (exit code 1)" in out  # torchrun's exit code when a worker fails
+    assert "the job said: error: " in out and "missing.parquet: no such data file" in out
+
+
+def test_cancel(home):
+    _, profile, env = home
+    rc, out, err = run_launcher("submit", RECIPES / "tiny_moe.yaml", "--cluster", profile, "--json",
+                                "trainer.total_training_steps=100000", env=env)
+    job_id = json.loads(out.splitlines()[-1])["job_id"]
+    time.sleep(3)
+    assert json.loads(run_launcher("status", job_id, "--json", env=env)[1])["state"] == "RUNNING"
+    rc, out, _ = run_launcher("cancel", job_id, env=env, timeout=60)
+    assert rc == 0
+    assert json.loads(run_launcher("status", job_id, "--json", env=env)[1])["state"] == "CANCELLED"
+
+
+def test_unknown_job_is_one_line(home):
+    _, _, env = home
+    rc, out, err = run_launcher("status", "12345", env=env)
+    assert rc == 2 and err.startswith("error: job 12345: not in the job store") and "Traceback" not in err
