@@ -144,11 +144,6 @@ def install_cpu_shim() -> None:
 
     mcore_random._set_cuda_rng_state = lambda state, device=-1, graph_safe=False: rng.set_rng_state(state)
     mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: rng.get_rng_state()
-    # megatron-core 0.16 leaves this name undefined without transformer-engine (fixed in 0.19).
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
     # On a GPU, megatron's token dispatcher copies the all-to-all split sizes to host numpy
     # arrays; on the CPU they stay tensors, which gloo's all_to_all_single does not take.
     import torch.distributed as dist
@@ -163,6 +158,15 @@ def install_cpu_shim() -> None:
 
     dist.all_to_all_single = all_to_all_single_with_lists
     _CudaToCpu().__enter__()  # for the life of the process
+
+
+def patch_megatron() -> None:
+    """megatron-core 0.16 leaves moe_utils.te_general_gemm undefined without transformer-engine,
+    on the GPU too (0.19 defines it)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def device() -> torch.device:

@@ -43,6 +43,7 @@ def setup(recipe) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
         devices.install_cpu_shim()
+    devices.patch_megatron()
     if not dist.is_initialized():
         dist.init_process_group(devices.backend())
     meg = recipe.megatron
@@ -316,6 +317,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
             epoch, taken, row = next(stream)
             rows.append(row)
         batches = [collate(group, devices.device()) for group in split_for_rank(rows, mbs)]
+        data_time = time.time() - start
         zero_grads(run)
         loss_sum, count = run_batches(run, batches, forward_only=False)
         ok, grad_norm, _ = run.optimizer.step()
@@ -329,6 +331,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         record = {"step": step, "epoch": epoch, "loss": loss_sum / max(count, 1), "lr": run.optimizer.param_groups[0]["lr"],
                   "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                   "tokens_per_s": tokens / elapsed, "response_tokens": int(count), "step_time_s": elapsed,
+                  "data_time_s": data_time,
                   "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
                   "moe_aux_loss": aux, "tokens_per_expert": routed, "skipped_update": not ok}
         if devices.on_gpu():
