@@ -168,7 +168,13 @@ def _squeue(cluster, job_id: str) -> JobStatus | None:
     proc = _run(cluster, "squeue", "--json")
     if proc.returncode != 0:
         raise UserError(f"squeue: {_one_line(proc.stderr) or 'failed'}")
-    for job in json.loads(proc.stdout).get("jobs", []):  # 22.05 ignores -j with --json
+    data = json.loads(proc.stdout)
+    errors = data.get("errors") or []
+    if errors:  # 22.05 exits 0 with the failure inside the JSON
+        first = errors[0]
+        raise UserError(f"squeue: Slurm did not answer ({first.get('source', '')}: "
+                        f"{first.get('description') or first.get('error')}); is the controller running?")
+    for job in data.get("jobs", []):  # 22.05 ignores -j with --json
         if str(job.get("job_id")) != job_id:
             continue
         state = job.get("job_state")
