@@ -161,12 +161,18 @@ def install_cpu_shim() -> None:
 
 
 def patch_megatron() -> None:
-    """megatron-core 0.16 leaves moe_utils.te_general_gemm undefined without transformer-engine,
-    on the GPU too (0.19 defines it)."""
+    """Two gaps of megatron-core 0.16 without transformer-engine, on the GPU too: moe_utils
+    leaves te_general_gemm undefined (0.19 defines it), and multi-latent attention believes
+    transformer-engine is there because its megatron wrapper module imports without it."""
+    from megatron.core.transformer import multi_latent_attention
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        multi_latent_attention.HAVE_TE = False
 
 
 def device() -> torch.device:

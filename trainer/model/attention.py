@@ -20,12 +20,13 @@ from megatron.core.transformer.module import MegatronModule
 class SDPAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None):
+                 cp_comm_type: Optional[str] = None, pg_collection=None, k_channels: Optional[int] = None,
+                 v_channels: Optional[int] = None):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise ValueError("context parallelism needs transformer-engine's attention; install moe-launcher[gpu]")
         self.attn_mask_type = attn_mask_type
-        head_dim = config.kv_channels
+        head_dim = k_channels or config.kv_channels  # MLA: query/key heads are wider than value heads
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
 
