@@ -23,7 +23,7 @@ run() {  # name recipe overrides...
     cp "$dir/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
     tail -3 "$OUT/$name.log"
 }
-run tiny recipes/tiny_moe.yaml trainer.n_gpus_per_node=1 megatron.expert_model_parallel_size=1 trainer.total_training_steps=40 data.max_length=1024 data.global_batch_size=8 data.micro_batch_size=2
+[ "${ONLY_MID:-0}" = 1 ] || run tiny recipes/tiny_moe.yaml trainer.n_gpus_per_node=1 megatron.expert_model_parallel_size=1 trainer.total_training_steps=40 data.max_length=1024 data.global_batch_size=8 data.micro_batch_size=2
 run mid bench/qwen3_moe_mid.yaml
-run mid_recompute bench/qwen3_moe_mid.yaml model.enable_gradient_checkpointing=true
+[ "${ONLY_MID:-0}" = 1 ] || run mid_recompute bench/qwen3_moe_mid.yaml model.enable_gradient_checkpointing=true
 python3 bench/summarize.py "$OUT" | tee "$OUT/summary.json"

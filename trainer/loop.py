@@ -255,13 +255,23 @@ def offload_grads(run: Run, offload: bool) -> None:
                 buffer.reload_from_cpu(move_params=False, move_grads=True)
 
 
+def steps_of(stream, rows_per_step: int):
+    """(epoch, rows taken, rows) per optimizer step, from the row stream."""
+    while True:
+        rows = []
+        for _ in range(rows_per_step):
+            epoch, taken, row = next(stream)
+            rows.append(row)
+        yield epoch, taken, rows
+
+
 def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) -> int:
     """Returns the process exit code: 0 when done or stopped cleanly with a checkpoint."""
     import signal
 
     from megatron.core import parallel_state as ps
 
-    from trainer.data.batches import collate
+    from trainer.data.batches import collate, prefetch
 
     run = build(recipe, run_dir)
     ckpt_root = Path(recipe.trainer.default_local_dir)
@@ -285,7 +295,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
     gbs, mbs = recipe.data.global_batch_size, recipe.data.micro_batch_size
     peak = peak_tflops()
     per_token = flops_per_token(model_dims)
-    stream = train_data.stream(epoch, taken)
+    stream = prefetch(steps_of(train_data.stream(epoch, taken), gbs))
     signalled = []
     signal.signal(signal.SIGTERM, lambda *_: signalled.append(True))
 
@@ -312,10 +322,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
             log.close()
             return 0
         start = time.time()
-        rows = []
-        for _ in range(gbs):
-            epoch, taken, row = next(stream)
-            rows.append(row)
+        epoch, taken, rows = next(stream)
         batches = [collate(group, devices.device()) for group in split_for_rank(rows, mbs)]
         data_time = time.time() - start
         zero_grads(run)

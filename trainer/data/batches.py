@@ -109,17 +109,47 @@ class SFTData:
 
 
 def collate(rows: list[Row], device) -> dict[str, torch.Tensor]:
-    """A micro-batch for GPTModel: tokens, positions, labels, loss mask and the attention mask."""
-    tokens = torch.from_numpy(np.stack([r.tokens for r in rows])).to(device)
-    labels = torch.from_numpy(np.stack([r.labels for r in rows])).to(device)
-    loss_mask = torch.from_numpy(np.stack([r.loss_mask for r in rows])).to(device)
-    sample = torch.from_numpy(np.stack([r.sample for r in rows])).to(device)
+    """A micro-batch for GPTModel: tokens, positions, labels, loss mask and the attention mask.
+
+    Only the [b, L] arrays cross to the device; the [b, 1, L, L] mask is built there.
+    """
+    def stacked(name):
+        return torch.from_numpy(np.stack([getattr(r, name) for r in rows])).to(device, non_blocking=True)
+
+    tokens, labels, loss_mask, sample = (stacked(n) for n in ("tokens", "labels", "loss_mask", "sample"))
     length = tokens.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
     same_sample = sample[:, :, None] == sample[:, None, :]
     attention_mask = ~(causal & same_sample)[:, None]  # True = masked out, megatron's convention
     # RoPE depends on relative positions only, so continuing positions across packed samples
     # gives each sample the same attention as it would get alone.
-    position_ids = torch.arange(length, device=device).expand_as(tokens)
+    position_ids = torch.arange(length, device=tokens.device).expand_as(tokens)
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
             "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+def prefetch(iterator, depth: int = 2):
+    """Run `iterator` in a thread, `depth` items ahead: tokenising the next step's rows
+    overlaps with this step's GPU work."""
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for item in iterator:
+                items.put(item)
+        except BaseException as err:  # surfaces in the training loop, not in a silent thread
+            items.put(err)
+        items.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        item = items.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item

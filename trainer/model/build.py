@@ -55,7 +55,10 @@ def transformer_config(args: ModelArgs, recipe, dtype: torch.dtype):
         moe_token_dispatcher_type=moe.token_dispatcher,
         moe_z_loss_coeff=moe.z_loss_coeff,
         moe_expert_capacity_factor=moe.capacity_factor,
-        moe_grouped_gemm=False,
+        # On a GPU without transformer-engine: megatron-core's GroupedMLP over torch._grouped_mm
+        # (trainer.model.experts); on the CPU, SequentialMLP (GroupedMLP needs bf16).
+        moe_grouped_gemm=torch.cuda.is_available() and dtype == torch.bfloat16,
+        moe_use_legacy_grouped_gemm=not have_transformer_engine(),
     )
     if moe.aux_loss_coeff is not None:
         fields["moe_aux_loss_coeff"] = moe.aux_loss_coeff
@@ -73,6 +76,10 @@ def layer_spec(config, vp_stage=None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     use_te = have_transformer_engine()
+    if config.moe_grouped_gemm and not use_te:
+        from trainer.model import experts
+
+        experts.install()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
                                       vp_stage=vp_stage)
     if not use_te:
