@@ -89,8 +89,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> None:
         target[keys[-1]] = value
 
 
-def choices(*allowed: str, default=None):
-    """A string field that takes one of `allowed`."""
+def choices(*allowed: str, default=dataclasses.MISSING):
+    """A string field that takes one of `allowed` (required when no default is given)."""
     return dataclasses.field(default=default, metadata={"choices": allowed})
 
 

@@ -77,3 +77,10 @@ def test_installed_wheel_finds_templates_and_profiles(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --nodes=2" in proc.stdout
+
+
+def test_cluster_profile_missing_field(tmp_path):
+    profile = tmp_path / "nobackend.yaml"
+    profile.write_text("gpus_per_node: 8\n")
+    rc, _, err = run_launcher("validate", RECIPES / "mixtral_8x7b.yaml", "--cluster", profile)
+    assert rc == 2 and err.strip() == f"error: {profile}: backend: required key is missing"

@@ -65,3 +65,28 @@ def test_unknown_job_is_one_line(home):
     _, _, env = home
     rc, out, err = run_launcher("status", "12345", env=env)
     assert rc == 2 and err.startswith("error: job 12345: not in the job store") and "Traceback" not in err
+
+
+def test_follow_streams_the_log(home, tmp_path):
+    _, profile, env = home
+    rc, out, _ = run_launcher("submit", RECIPES / "tiny_moe.yaml", "--cluster", profile, "--follow",
+                              f"data.train_files={tmp_path / 'missing.parquet'}", env=env, timeout=300)
+    assert rc == 1
+    assert "=== moe-launcher local job started" in out and "missing.parquet: no such data file" in out
+
+
+def test_store_survives_concurrent_launchers(tmp_path):
+    """Eight processes recording jobs at once lose none of them."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from pathlib import Path; from launcher.store import JobStore, JobRecord\n"
+              "store = JobStore(Path(sys.argv[1]))\n"
+              "for i in range(25):\n"
+              "    store.add(JobRecord(f'{sys.argv[2]}-{i}', 'local', 'c', 'n', '/r', float(i), {}))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "jobs.sqlite"), str(k)])
+             for k in range(8)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    from launcher.store import JobStore
+
+    assert len(JobStore(tmp_path / "jobs.sqlite").recent(1000)) == 200

@@ -61,10 +61,12 @@ def status(env, job_id):
 TWO_NODES = ["trainer.nnodes=2", "trainer.n_gpus_per_node=1", "megatron.expert_model_parallel_size=2"]
 
 
-class TestWithoutAccounting:
-    @pytest.fixture(autouse=True)
-    def cluster(self):
-        start()
+@pytest.mark.parametrize("cluster", ["without accounting", "with accounting"], indirect=True)
+class TestJobs:
+    @pytest.fixture(autouse=True, scope="class")
+    def cluster(self, request):
+        start(*(["--accounting"] if request.param == "with accounting" else []))
+        return request.param
 
     def test_two_node_job_trains_and_checkpoints(self, slurm, tmp_path):
         profile, _, env = slurm
@@ -108,7 +110,8 @@ class TestWithoutAccounting:
         profile, _, env = slurm
         rc, result, _, _ = submit(env, profile(), "trainer.total_training_steps=1", wait=False)
         conf = tmp_path / "dead.conf"
-        conf.write_text(open("/tmp/moe-slurm/slurm.conf").read().replace("SlurmctldPort=16817", "SlurmctldPort=16999"))
+        conf.write_text(open("/tmp/moe-slurm/slurm.conf").read().replace("SlurmctldPort=16817", "SlurmctldPort=16999")
+                        .replace("AccountingStoragePort=16820", "AccountingStoragePort=16998"))
         dead = tmp_path / "dead.yaml"
         dead.write_text(open(JobStore(tmp_path / "home" / "jobs.sqlite").get(result["job_id"]).cluster).read()
                         .replace("/tmp/moe-slurm/slurm.conf", str(conf)))

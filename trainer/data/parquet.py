@@ -37,12 +37,13 @@ def row_groups(files: list[str], columns: list[str]) -> list[RowGroup]:
     groups = []
     for path in files:
         try:
-            meta = pq.ParquetFile(path).metadata
+            parquet = pq.ParquetFile(path)
+            meta = parquet.metadata
         except FileNotFoundError:
             raise DataError(f"{path}: no such data file (data.train_files / data.val_files)") from None
         except Exception as err:  # pyarrow raises its own error types for corrupt files
             raise DataError(f"{path}: not a readable parquet file: {err}") from None
-        names = set(meta.schema.names)
+        names = set(parquet.schema_arrow.names)  # top-level columns, not nested leaves
         for column in columns:
             if column not in names:
                 raise DataError(f"{path}: column '{column}' is missing (it has {', '.join(sorted(names))}); "

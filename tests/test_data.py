@@ -1,0 +1,92 @@
+"""SFT data: chat templates and loss masks, bad rows, truncation, shuffling (pyarrow, the tiny tokenizer)."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from launcher.recipe import load_recipe
+from tests.trainer_helpers import TINY
+
+pytest.importorskip("transformers")
+
+from trainer.data.batches import SFTData  # noqa: E402
+from trainer.data.chat import load_tokenizer, tokenize_conversation  # noqa: E402
+from trainer.data.parquet import BadRow, DataError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(load_recipe(TINY).model.tokenizer_path)
+
+
+def data(tmp_path, rows, *overrides, name="d.parquet"):
+    path = tmp_path / name
+    columns = sorted({k for r in rows for k in r})
+    pq.write_table(pa.table({c: [r.get(c) for r in rows] for c in columns}), path, row_group_size=2)
+    return path, load_recipe(TINY, [f"data.train_files={path}", *overrides]).data
+
+
+def test_only_assistant_tokens_get_loss(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort: b a"},
+                {"role": "assistant", "content": "a b"}, {"role": "user", "content": "Again"},
+                {"role": "assistant", "content": "a b"}]
+    ids, mask = tokenize_conversation(tokenizer, messages, "test")
+    learned = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    assert learned == "a b<|eos|>\na b<|eos|>\n"
+    prompt = tokenizer.decode([t for t, m in zip(ids, mask) if not m])
+    assert "Sort: b a" in prompt and "Be brief." in prompt and "<|assistant|>" in prompt
+
+
+def test_packed_rows_keep_samples_apart(tmp_path, tokenizer):
+    path, cfg = data(tmp_path, [{"prompt": f"Count: {w}", "response": "1 words"} for w in ("apple", "river", "stone")],
+                     "data.shuffle=false")
+    (row,) = list(SFTData([str(path)], cfg, tokenizer, 0).rows(0))
+    samples = sorted(set(row.sample.tolist()))
+    assert samples == [0, 1, 2, 3]  # three samples and the padding
+    last = max(i for i, s in enumerate(row.sample) if s == 0)
+    assert row.loss_mask[last] == 0  # no label crosses into the next sample
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "hi", "response": None}, "'response' must be a string, found NoneType"),
+    ({"prompt": "hi", "response": "   "}, "no assistant response to learn from"),
+])
+def test_bad_rows_name_file_and_row(tmp_path, tokenizer, row, message):
+    good = {"prompt": "Count: apple", "response": "1 words"}
+    path, cfg = data(tmp_path, [good, good, row])
+    with pytest.raises(BadRow) as info:
+        list(SFTData([str(path)], cfg, tokenizer, 0).rows(0))
+    assert str(info.value).startswith(f"{path}: row 2: ") and message in str(info.value)
+    skipping = SFTData([str(path)], load_recipe(TINY, [f"data.train_files={path}", "data.skip_bad_rows=true"]).data,
+                       tokenizer, 0)
+    list(skipping.rows(0))
+    assert skipping.counts["bad_rows_skipped"] == 1
+
+
+def test_unknown_role_and_missing_column(tmp_path, tokenizer):
+    path, cfg = data(tmp_path, [{"messages": [{"role": "wizard", "content": "x"}]}], "data.multiturn.enable=true")
+    with pytest.raises(BadRow, match="row 0: message 0 has unknown role 'wizard'"):
+        list(SFTData([str(path)], cfg, tokenizer, 0).rows(0))
+    path, cfg = data(tmp_path, [{"question": "x"}], name="other.parquet")
+    with pytest.raises(DataError, match="column 'prompt' is missing"):
+        SFTData([str(path)], cfg, tokenizer, 0)
+
+
+def test_truncation_policies(tmp_path, tokenizer):
+    long = {"prompt": "Reverse: " + "apple " * 60, "response": "done"}
+    path, cfg = data(tmp_path, [long], "data.max_length=64")
+    with pytest.raises(BadRow, match="exceed data.max_length=64"):
+        list(SFTData([str(path)], cfg, tokenizer, 0).rows(0))
+    left = SFTData([str(path)], load_recipe(TINY, [f"data.train_files={path}", "data.max_length=64",
+                                                   "data.truncation=left"]).data, tokenizer, 0)
+    (row,) = list(left.rows(0))
+    assert row.loss_mask.sum() > 0 and left.counts["samples_truncated"] == 1
+
+
+def test_shuffle_is_fixed_by_seed_and_epoch(tmp_path, tokenizer):
+    rows = [{"prompt": f"Count: {'apple ' * (i + 1)}", "response": f"{i + 1} words"} for i in range(10)]
+    path, cfg = data(tmp_path, rows, "data.pack_sequences=false")
+    order = lambda seed, epoch: [r.tokens.tolist() for r in SFTData([str(path)], cfg, tokenizer, seed).rows(epoch)]  # noqa: E731
+    assert order(1, 0) == order(1, 0)
+    assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
+    assert sorted(map(str, order(1, 0))) == sorted(map(str, order(1, 1)))
