@@ -5,8 +5,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from tests.conftest import REPO, RECIPES, run_launcher
 
 # Makes `import torch` and `import megatron` fail, as on a laptop without them.
