@@ -42,6 +42,10 @@ class ModelSection:
     path: str  # a Hugging Face model folder holding config.json (and the tokenizer)
     tokenizer_path: Optional[str] = None  # default: path
     enable_gradient_checkpointing: bool = False
+    # Train the config's multi-token-prediction layers (DeepSeek-V3: num_nextn_predict_layers);
+    # their loss uses the same response-only mask, scaled by mtp_loss_scale.
+    enable_mtp: bool = False
+    mtp_loss_scale: float = 0.1
     override_config: OverrideConfig = field(default_factory=OverrideConfig)
 
 

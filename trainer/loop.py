@@ -124,7 +124,9 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    # The loss mask also reaches megatron-core's multi-token-prediction loss, when there is one.
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
+                   loss_mask=batch["loss_mask"])
     return output, partial(loss_func, batch["loss_mask"])
 
 
@@ -196,6 +198,23 @@ def moe_aux_loss(num_microbatches: int) -> float | None:
     total = sum(float(v.sum()) for v in values)
     clear_aux_losses_tracker()
     return total / max(layers, 1) / max(num_microbatches, 1)
+
+
+def mtp_loss(num_microbatches: int) -> float | None:
+    """Mean multi-token-prediction loss over MTP layers, from megatron-core's tracker."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tracker = MTPLossLoggingHelper.tracker
+    if "values" not in tracker:
+        return None
+    values = tracker["values"]
+    if tracker.get("reduce_group") is not None:
+        dist.all_reduce(values, group=tracker["reduce_group"])
+    if tracker.get("avg_group") is not None:
+        dist.all_reduce(values, group=tracker["avg_group"], op=dist.ReduceOp.AVG)
+    result = float(values.mean()) / max(num_microbatches, 1)
+    values.zero_()
+    return result
 
 
 def split_for_rank(rows: list, micro_batch_size: int) -> list[list]:
@@ -290,7 +309,9 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
 
     total = recipe.trainer.total_training_steps
     log = MetricsLog(run_dir, rank0, total, recipe.trainer.tensorboard)
-    counter = RoutingCounter(run.model, model_dims.num_layers, model_dims.num_experts)
+    # layer_<i> for i >= num_layers are the multi-token-prediction layers
+    counter = RoutingCounter(run.model, model_dims.num_layers + (run.config.mtp_num_layers or 0),
+                             model_dims.num_experts)
     duplicates = ps.get_tensor_model_parallel_world_size() if not recipe.megatron.sequence_parallel else 1
     gbs, mbs = recipe.data.global_batch_size, recipe.data.micro_batch_size
     peak = peak_tflops()
@@ -331,6 +352,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         run.scheduler.step(increment=1)
         step += 1
         aux = moe_aux_loss(len(batches))
+        mtp = mtp_loss(len(batches)) if recipe.model.enable_mtp else None
         routed = counter.take(duplicates)
         elapsed = time.time() - start
         tokens = float(sum(int((r.sample < r.sample.max()).sum()) for r in rows))
@@ -340,7 +362,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
                   "tokens_per_s": tokens / elapsed, "response_tokens": int(count), "step_time_s": elapsed,
                   "data_time_s": data_time,
                   "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
-                  "moe_aux_loss": aux, "tokens_per_expert": routed, "skipped_update": not ok}
+                  "moe_aux_loss": aux, "mtp_loss": mtp, "tokens_per_expert": routed, "skipped_update": not ok}
         if devices.on_gpu():
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         log.log(record, console=step % recipe.trainer.log_every == 0 or step == total)

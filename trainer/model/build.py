@@ -68,6 +68,11 @@ def transformer_config(args: ModelArgs, recipe, dtype: torch.dtype):
         fields["moe_router_bias_update_rate"] = 0.0  # the aux-loss-free bias stays as loaded
     if recipe.model.enable_gradient_checkpointing:
         fields.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if recipe.model.enable_mtp:
+        if not args.mtp_layers:
+            raise ValueError(f"model.enable_mtp: {recipe.model.path}/config.json has no multi-token-prediction "
+                             "layers (num_nextn_predict_layers)")
+        fields.update(mtp_num_layers=args.mtp_layers, mtp_loss_scaling_factor=recipe.model.mtp_loss_scale)
     cls = MLATransformerConfig if args.mla else TransformerConfig
     return cls(**fields)
 
@@ -90,14 +95,40 @@ def layer_spec(config, vp_stage=None):
 
         norm = ModuleSpec(module=RMSNorm)
         spec.layer_norm = norm
-        for layer in spec.layer_specs:
-            sub = layer.submodules
-            sub.input_layernorm = sub.pre_mlp_layernorm = norm
-            attention = sub.self_attention.submodules
-            attention.core_attention = SDPAttention
-            for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):
-                if getattr(attention, name, None) not in (None,) and _is_norm(getattr(attention, name)):
-                    setattr(attention, name, norm)
+        _use_te_free_layers(spec.layer_specs, norm, SDPAttention)
+    return spec
+
+
+def _use_te_free_layers(layer_specs, norm, attention_cls) -> None:
+    for layer in layer_specs:
+        sub = layer.submodules
+        sub.input_layernorm = sub.pre_mlp_layernorm = norm
+        attention = sub.self_attention.submodules
+        attention.core_attention = attention_cls
+        for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):
+            if getattr(attention, name, None) not in (None,) and _is_norm(getattr(attention, name)):
+                setattr(attention, name, norm)
+
+
+def mtp_spec(config, decoder_spec, vp_stage=None):
+    """The multi-token-prediction block, built like the decoder's last layer (TE-free where the
+    decoder is)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    if not config.mtp_num_layers:
+        return None
+    use_te = have_transformer_engine()
+    spec = get_gpt_mtp_block_spec(config, decoder_spec, use_transformer_engine=use_te, vp_stage=vp_stage)
+    if spec is not None and not use_te:
+        from megatron.core.transformer.spec_utils import ModuleSpec
+
+        from trainer.model.norm import RMSNorm
+
+        norm = ModuleSpec(module=RMSNorm)
+        for layer in spec.layer_specs:  # each MTP layer: its norms, and a decoder layer inside
+            for name in ("enorm", "hnorm", "layer_norm"):
+                if hasattr(layer.submodules, name):
+                    setattr(layer.submodules, name, norm)
     return spec
 
 
@@ -113,9 +144,11 @@ def build_model(recipe, dtype: torch.dtype, pre_process: bool, post_process: boo
 
     args = read_model_args(recipe.model.path)
     config = transformer_config(args, recipe, dtype)
+    decoder_spec = layer_spec(config, vp_stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config, vp_stage),
+        transformer_layer_spec=decoder_spec,
+        mtp_block_spec=mtp_spec(config, decoder_spec, vp_stage),
         vocab_size=args.vocab_size,
         max_sequence_length=max(args.max_position_embeddings, recipe.data.max_length),
         pre_process=pre_process,

@@ -14,7 +14,7 @@ IGNORED = {
     "architectures", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
     "transformers_version", "use_cache", "initializer_range", "output_router_logits", "pretraining_tp",
     "model_type", "max_window_layers", "ep_size", "topk_method", "seq_aux", "quantization_config",
-    "num_nextn_predict_layers", "router_jitter_noise", "tokenizer_class", "_name_or_path", "layer_types",
+    "router_jitter_noise", "tokenizer_class", "_name_or_path", "layer_types",
 }
 # Keys whose value must be the neutral one, since the trainer does not implement the others.
 REQUIRED_VALUES = {
@@ -43,6 +43,7 @@ class ModelArgs:
     rotary_base: float = 10000.0
     tie_embeddings: bool = False
     mla: bool = False
+    mtp_layers: int = 0  # multi-token-prediction layers in the checkpoint (trained with model.enable_mtp)
 
 
 def model_args(config: dict, source: str = "config.json") -> ModelArgs:
@@ -165,7 +166,7 @@ def _deepseek_v3(c: dict) -> ModelArgs:
         t.update(rope_type="rope")
     if not c.get("norm_topk_prob", True):
         raise UnsupportedConfig("config.json: norm_topk_prob=false is not supported for deepseek_v3")
-    return _args(c, "deepseek_v3", t, mla=True)
+    return _args(c, "deepseek_v3", t, mla=True, mtp_layers=c.get("num_nextn_predict_layers") or 0)
 
 
 _FAMILIES = {
@@ -177,5 +178,6 @@ _FAMILIES = {
     "deepseek_v3": (_COMMON_KEYS | {"n_routed_experts", "moe_intermediate_size", "n_shared_experts",
                                     "first_k_dense_replace", "routed_scaling_factor", "n_group", "topk_group",
                                     "aux_loss_alpha", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-                                    "qk_rope_head_dim", "v_head_dim", "norm_topk_prob"}, _deepseek_v3),
+                                    "qk_rope_head_dim", "v_head_dim", "norm_topk_prob",
+                                    "num_nextn_predict_layers"}, _deepseek_v3),
 }

@@ -12,6 +12,8 @@ model:
   path: @REPO@/recipes/models/tiny_moe
   tokenizer_path: @REPO@/recipes/models/tiny_moe
   enable_gradient_checkpointing: false
+  enable_mtp: false
+  mtp_loss_scale: 0.1
   override_config:
     moe_config:
       freeze_moe_router: false
