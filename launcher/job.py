@@ -13,7 +13,8 @@ from launcher.plan.check import Plan, make_plan
 from launcher.plan.models import read_model
 from launcher.recipe import Recipe, load_recipe
 
-RECIPE_FILE = "recipe.yaml"
+# Ends the here-document that carries the resolved recipe inside the job scripts.
+HEREDOC = "MOE_LAUNCHER_RECIPE_END"
 
 
 @dataclass
@@ -83,3 +84,11 @@ def _display_path(path: str) -> str:
         return str(p.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(p)
+
+
+def layout_text(job: Job) -> str:
+    lay = job.plan.layout
+    return (f"world {lay.world_size} = TP{lay.tp} x CP{lay.cp} x DP{lay.dp} x PP{lay.pp}; "
+            f"experts ETP{lay.etp} x EP{lay.ep} x EDP{lay.edp} x PP{lay.pp}; "
+            f"{job.plan.memory.total:.1f} of {job.plan.memory.capacity:.0f} GiB per "
+            f"{'process' if job.cluster.on_cpu else 'GPU'}")

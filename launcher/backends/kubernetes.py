@@ -101,6 +101,8 @@ def _call(action: str, fn, *args, **kwargs):
 
 
 class KubernetesJobs:
+    """The API half of KubernetesBackend: submit, status, logs and cancel through the client."""
+
     def submit(self, job: Job, files: dict[str, str]) -> JobRecord:
         configmap, pytorchjob = self.manifests(job)
         core, custom = _api(self.cluster)

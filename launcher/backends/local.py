@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 from launcher.backends.base import Backend, JobStatus, write_files
-from launcher.backends.slurm import HEREDOC, layout_text
 from launcher.errors import UserError
-from launcher.job import Job
+from launcher.job import HEREDOC, Job, layout_text
 from launcher.render import render_template
 from launcher.store import JobRecord, now
 

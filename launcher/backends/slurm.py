@@ -11,11 +11,9 @@ from pathlib import Path
 
 from launcher.backends.base import Backend, JobStatus, write_files
 from launcher.errors import UserError
-from launcher.job import Job
+from launcher.job import HEREDOC, Job, layout_text
 from launcher.render import render_template
 from launcher.store import JobRecord, now
-
-HEREDOC = "MOE_LAUNCHER_RECIPE_END"
 
 # Options newer than some Slurm releases still in service: (first version, option).
 # The cluster profile's slurm.version decides whether the script may use them.
@@ -28,14 +26,6 @@ def slurm_version(text: str, source: str) -> tuple[int, int]:
         return int(major), int(minor)
     except ValueError:
         raise UserError(f"{source}: slurm.version: '{text}' is not a Slurm release such as 22.05 or 24.11") from None
-
-
-def layout_text(job: Job) -> str:
-    lay = job.plan.layout
-    return (f"world {lay.world_size} = TP{lay.tp} x CP{lay.cp} x DP{lay.dp} x PP{lay.pp}; "
-            f"experts ETP{lay.etp} x EP{lay.ep} x EDP{lay.edp} x PP{lay.pp}; "
-            f"{job.plan.memory.total:.1f} of {job.plan.memory.capacity:.0f} GiB per "
-            f"{'process' if job.cluster.on_cpu else 'GPU'}")
 
 
 class SlurmBackend(Backend):
