@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -45,9 +46,8 @@ def main(argv=None) -> int:
         train_data = SFTData(recipe.data.train_files, recipe.data, tokenizer, recipe.trainer.seed)
         val_rows = []
         if recipe.data.val_files:
-            val_data = SFTData(recipe.data.val_files, recipe.data, tokenizer, recipe.trainer.seed)
-            val_data.data = _no_shuffle(recipe.data)
-            val_rows = list(val_data.rows(0))
+            val_config = dataclasses.replace(recipe.data, shuffle=False)  # the same rows every pass
+            val_rows = list(SFTData(recipe.data.val_files, val_config, tokenizer, recipe.trainer.seed).rows(0))
         if recipe.trainer.total_training_steps is None:
             rows = train_data.count_rows()
             recipe.trainer.total_training_steps = max(
@@ -57,12 +57,6 @@ def main(argv=None) -> int:
     except (UserError, DataError, BadRow, UnsupportedConfig) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-
-
-def _no_shuffle(data):
-    import dataclasses
-
-    return dataclasses.replace(data, shuffle=False)
 
 
 if __name__ == "__main__":  # dist_checkpointing's writer starts processes that re-import this module

@@ -36,8 +36,6 @@ def _to_cpu(value):
         return torch.device("cpu")
     if isinstance(value, str) and value.startswith("cuda"):
         return "cpu"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
     return value
 
 
