@@ -51,14 +51,25 @@ start_munge() {
 }
 
 start_accounting() {
-    if ! running "$STATE/mysql/mysqld.pid"; then
+    local sock=$STATE/mysql/mysqld.sock
+    if ! mariadb-admin --socket="$sock" ping >/dev/null 2>&1; then
         mkdir -p "$STATE/mysql" /run/mysqld
         chown mysql:mysql "$STATE/mysql" /run/mysqld 2>/dev/null || true
-        [ -d "$STATE/mysql/mysql" ] || mariadb-install-db --user=mysql --datadir="$STATE/mysql" >/dev/null
-        (mariadbd --user=mysql --datadir="$STATE/mysql" --socket="$STATE/mysql/mysqld.sock" --port=13306 \
+        if [ ! -d "$STATE/mysql/mysql" ]; then
+            mariadb-install-db --user=mysql --datadir="$STATE/mysql" >"$STATE/mysql-install.log" 2>&1 \
+                || die "mariadb-install-db failed; see $STATE/mysql-install.log"
+        fi
+        # A server that died leaves its socket behind; clients would then get "connection refused".
+        rm -f "$sock"
+        (mariadbd --user=mysql --datadir="$STATE/mysql" --socket="$sock" --port=13306 \
             --pid-file="$STATE/mysql/mysqld.pid" --skip-networking=0 --bind-address=127.0.0.1 >"$STATE/mysqld.log" 2>&1 &)
-        for _ in $(seq 60); do [ -S "$STATE/mysql/mysqld.sock" ] && break; sleep 0.5; done
-        mariadb --socket="$STATE/mysql/mysqld.sock" -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+        # The first start creates InnoDB's files, which takes a while on a slow disk.
+        for _ in $(seq 240); do mariadb-admin --socket="$sock" ping >/dev/null 2>&1 && break; sleep 0.5; done
+        if ! mariadb-admin --socket="$sock" ping >/dev/null 2>&1; then
+            tail -n 20 "$STATE/mysqld.log" >&2
+            die "MariaDB did not answer within 120 s; see $STATE/mysqld.log"
+        fi
+        mariadb --socket="$sock" -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
             CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
             GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
     fi
@@ -79,7 +90,8 @@ CONF
     chmod 600 "$STATE/slurmdbd.conf"
     if ! running "$STATE/slurmdbd.pid"; then
         slurmdbd  # reads slurmdbd.conf beside $SLURM_CONF
-        for _ in $(seq 60); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.5; done
+        for _ in $(seq 240); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.5; done
+        sacctmgr -n list cluster >/dev/null 2>&1 || { tail -n 20 "$STATE/slurmdbd.log" >&2; die "slurmdbd did not answer within 120 s"; }
     fi
     sacctmgr -i add cluster moelocal >/dev/null 2>&1 || true
 }
@@ -173,7 +185,10 @@ stop() {
         local pid
         pid=$(cat "$f" 2>/dev/null) || continue
         kill "$pid" 2>/dev/null || true
-        for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+        # Wait for the daemon to be gone: a MariaDB still flushing holds its files' locks, and a
+        # new one started beside it fails.
+        for _ in $(seq 240); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+        kill -9 "$pid" 2>/dev/null || true
         rm -f "$f"
     done
     [ "${1:-}" = quiet ] || echo "slurm-local: stopped"

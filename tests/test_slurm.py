@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("apt-get")
 
 
 def start(*options):
-    subprocess.run(["bash", str(SCRIPT), "start", *options], check=True, capture_output=True, timeout=600)
+    done = subprocess.run(["bash", str(SCRIPT), "start", *options], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"slurm-local.sh start {' '.join(options)} failed:\n{done.stdout}{done.stderr}"
 
 
 @pytest.fixture
