@@ -48,12 +48,17 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", help="a job's output")
     p.add_argument("job_id")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the job ends")
+    sub.add_parser("convert", add_help=False,
+                   help="Hugging Face <-> megatron-core checkpoints (launcher convert -h)")
     p = sub.add_parser("cancel", help="stop a job")
     p.add_argument("job_id")
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["convert"]:
+        return cmd_convert(argv[1:])
     top = parser()
     # key=value overrides may come before or after options; argparse leaves the late ones over.
     args, extra = top.parse_known_args(argv)
@@ -307,3 +312,32 @@ def cmd_cancel(args) -> int:
 
 COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "render": cmd_render, "submit": cmd_submit,
             "status": cmd_status, "list": cmd_list, "logs": cmd_logs, "cancel": cmd_cancel}
+
+
+def cmd_convert(rest: list[str]) -> int:
+    """`python -m trainer.convert` (torch and megatron-core load there, never in the launcher);
+    with --nproc N, N local processes that each convert a share (for more nodes, run that
+    module under torchrun)."""
+    import os
+    import socket
+    import subprocess
+
+    nproc = 1
+    if "--nproc" in rest:
+        at = rest.index("--nproc")
+        value = rest[at + 1] if at + 1 < len(rest) else ""
+        if not value.isdigit() or int(value) < 1:
+            print(f"error: --nproc {value!r}: expected a whole number of processes, e.g. --nproc 4", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        nproc, rest = int(value), rest[:at] + rest[at + 2:]
+    command = [sys.executable, "-m", "trainer.convert", *rest]
+    if nproc == 1:
+        return subprocess.run(command).returncode
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(command, env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
+                                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in range(nproc)]
+    codes = [p.wait() for p in procs]
+    return max(codes)

@@ -70,6 +70,8 @@ def test_installed_wheel_finds_templates_and_profiles(tmp_path):
                    check=True)
     recipe = target / "launcher" / "recipes" / "mixtral_8x7b.yaml"
     assert recipe.exists() and (target / "launcher" / "recipes" / "models" / "mixtral_8x7b" / "config.json").exists()
+    for module in ("trainer/model/build.py", "trainer/data/parquet.py", "trainer/convert/families/deepseek_v3.py"):
+        assert (target / module).exists(), module  # what the jobs run, and `launcher convert`
     proc = subprocess.run([sys.executable, "-m", "launcher", "render", str(recipe), "--cluster", "slurm"],
                           cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
                           capture_output=True, text=True)

@@ -90,8 +90,8 @@ def test_frozen_router_stays_bit_identical(tmp_path, init_checkpoint):
     assert routers
     for key in routers:
         assert torch.equal(before[key], after[key]), key
-    assert not torch.equal(before["decoder.layers.self_attention.linear_qkv.weight"],
-                           after["decoder.layers.self_attention.linear_qkv.weight"])
+    assert not torch.equal(before["decoder.layers.0.self_attention.linear_qkv.weight"],
+                           after["decoder.layers.0.self_attention.linear_qkv.weight"])
 
 
 def unequal_data(path):

@@ -37,10 +37,17 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)  # megatron-core DDP keeps the model in .module
 
 
+# One key per layer and per expert (and gate/up halves of GLU weights apart), not stacked
+# along layer or expert axes: the same keys whatever the layout, the spec (GroupedMLP or
+# SequentialMLP) or the model's mix of dense and MoE layers, and the keys that
+# `launcher convert` writes from a Hugging Face checkpoint.
+MODEL_FORMAT = {"non_homogeneous_layers": True, "singleton_local_shards": True}
+
+
 def _model_state(model_chunks) -> dict:
     if len(model_chunks) == 1:
-        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+        return {"model": _unwrap(model_chunks[0]).sharded_state_dict(metadata=MODEL_FORMAT)}
+    return {f"model{i}": _unwrap(chunk).sharded_state_dict(metadata=MODEL_FORMAT) for i, chunk in enumerate(model_chunks)}
 
 
 def save(root: Path, step: int, model_chunks, optimizer, scheduler, trainer_state: dict) -> Path:
@@ -133,44 +140,56 @@ def _optimizer_parts(state) -> list[dict]:
     return [state]
 
 
-def load(path: Path, model_chunks, optimizer=None, scheduler=None) -> dict:
-    """Load weights (and, given them, optimizer and scheduler); returns the trainer state."""
+def load_weights(path: Path, model_chunks) -> None:
+    """Initial weights: a checkpoint written by `launcher convert`, or the model part of any
+    trainer checkpoint. transformer-engine's per-layer extra state (FP8 scaling history) is
+    not part of the weights, so it is neither asked for nor required."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = _model_state(model_chunks)
+    for part in state.values():
+        for key in [k for k, v in part.items() if isinstance(v, ShardedObject) and k.endswith("._extra_state")]:
+            del part[key]
+    loaded = dist_checkpointing.load(state, str(path))
+    for name, chunk in zip(state, model_chunks):
+        missing, unexpected = _unwrap(chunk).load_state_dict(loaded[name], strict=False)
+        missing = [k for k in missing if not k.endswith("._extra_state")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def load(path: Path, model_chunks, optimizer, scheduler) -> dict:
+    """Resume: weights, optimizer, scheduler and RNG; returns the trainer state."""
     from megatron.core import dist_checkpointing
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     state = _model_state(model_chunks)
-    if optimizer is not None:
-        _materialise_adam_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_FORMAT)
+    _materialise_adam_state(optimizer)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_FORMAT)
     requested = [{k: v for k, v in part.items() if not isinstance(k, int)}
-                 for part in _optimizer_parts(state.get("optimizer"))]
+                 for part in _optimizer_parts(state["optimizer"])]
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(model_chunks):
         _unwrap(chunk).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
-    trainer_state = {}
-    state_file = path / "trainer_state.json"
-    if state_file.exists():
-        trainer_state = json.loads(state_file.read_text())
-        if scheduler is not None:
-            scheduler.load_state_dict(trainer_state["scheduler"])
-    if optimizer is not None:
-        # Per-parameter states reshard; the small non-tensor part (param groups, step) is kept
-        # per chained optimizer, whose count changes with the layout (dense and expert
-        # optimizers are merged when EP=1). Where the checkpoint's does not fit, take this
-        # optimizer's own groups with the step count of the checkpoint.
-        loaded_parts = _optimizer_parts(loaded["optimizer"])
-        for mine, theirs in zip(requested, loaded_parts):
-            for key in [k for k in theirs if isinstance(k, int)]:
-                del theirs[key]  # another layout's per-optimizer entries
-            for key, value in mine.items():
-                theirs.setdefault(key, value)
-            for group in theirs["optimizer"]["param_groups"]:
-                group["step"] = trainer_state.get("step", 0)  # one optimizer step per trainer step
-        _keep_step_when_copying_states()
-        optimizer.load_state_dict(loaded["optimizer"])
-        _unshare_steps(optimizer)
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    # Per-parameter states reshard; the small non-tensor part (param groups, step) is kept
+    # per chained optimizer, whose count changes with the layout (dense and expert
+    # optimizers are merged when EP=1). Where the checkpoint's does not fit, take this
+    # optimizer's own groups with the step count of the checkpoint.
+    for mine, theirs in zip(requested, _optimizer_parts(loaded["optimizer"])):
+        for key in [k for k in theirs if isinstance(k, int)]:
+            del theirs[key]  # another layout's per-optimizer entries
+        for key, value in mine.items():
+            theirs.setdefault(key, value)
+        for group in theirs["optimizer"]["param_groups"]:
+            group["step"] = trainer_state["step"]  # one optimizer step per trainer step
+    _keep_step_when_copying_states()
+    optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_steps(optimizer)
     rng_file = path / "rng" / f"rank{dist.get_rank():05d}.pt"
-    if optimizer is not None and rng_file.exists():  # same layout: continue the same random streams
+    if rng_file.exists():  # same layout: continue the same random streams
         rng = torch.load(rng_file, weights_only=False)
         torch.set_rng_state(rng["cpu"])
         get_cuda_rng_tracker().set_states(rng["cuda_tracker"])

@@ -303,7 +303,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         if rank0:
             print(f"resumed from {resume} at step {step} (epoch {epoch}, {taken} rows into it)", flush=True)
     elif recipe.megatron.dist_checkpointing_path:
-        checkpoint.load(Path(recipe.megatron.dist_checkpointing_path), run.model)
+        checkpoint.load_weights(Path(recipe.megatron.dist_checkpointing_path), run.model)
         if rank0:
             print(f"initial weights from {recipe.megatron.dist_checkpointing_path}", flush=True)
 

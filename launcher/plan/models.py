@@ -144,11 +144,15 @@ def _common(c: dict) -> dict:
     )
 
 
+def _qwen_experts(c: dict) -> int:
+    return c.get("num_experts") or c["num_local_experts"]  # transformers 5 writes the latter
+
+
 def _qwen_moe_layers(c: dict) -> tuple[int, ...]:
     step = c.get("decoder_sparse_step", 1) or 1
     dense = set(c.get("mlp_only_layers") or [])
     return tuple(i for i in range(c["num_hidden_layers"])
-                 if i not in dense and c["num_experts"] > 0 and (i + 1) % step == 0)
+                 if i not in dense and _qwen_experts(c) > 0 and (i + 1) % step == 0)
 
 
 def _mixtral(c: dict) -> ModelDims:
@@ -159,13 +163,13 @@ def _mixtral(c: dict) -> ModelDims:
 
 def _qwen2_moe(c: dict) -> ModelDims:
     return ModelDims(family="qwen2_moe", dense_ffn=c["intermediate_size"], moe_ffn=c["moe_intermediate_size"],
-                     num_experts=c["num_experts"], shared_ffn=c.get("shared_expert_intermediate_size", 0),
+                     num_experts=_qwen_experts(c), shared_ffn=c.get("shared_expert_intermediate_size", 0),
                      moe_layers=_qwen_moe_layers(c), qkv_bias=True, **_common(c))
 
 
 def _qwen3_moe(c: dict) -> ModelDims:
     return ModelDims(family="qwen3_moe", dense_ffn=c["intermediate_size"], moe_ffn=c["moe_intermediate_size"],
-                     num_experts=c["num_experts"], shared_ffn=0, moe_layers=_qwen_moe_layers(c),
+                     num_experts=_qwen_experts(c), shared_ffn=0, moe_layers=_qwen_moe_layers(c),
                      qkv_bias=bool(c.get("attention_bias", False)), qk_norm=True, **_common(c))
 
 

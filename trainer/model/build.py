@@ -46,6 +46,8 @@ def transformer_config(args: ModelArgs, recipe, dtype: torch.dtype):
         num_layers_in_last_pipeline_stage=meg.num_layers_in_last_pipeline_stage,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
         hidden_dropout=0.0, attention_dropout=0.0,
+        # SwiGLU: config.json's hidden_act, the only one hf_config accepts (megatron-core's default is GELU)
+        activation_func=torch.nn.functional.silu,
         # Sum the loss over response tokens; megatron-core divides the gradients by the
         # number of such tokens across all micro-batches and data-parallel ranks.
         calculate_per_token_loss=True,

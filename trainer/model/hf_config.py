@@ -46,7 +46,22 @@ class ModelArgs:
     mtp_layers: int = 0  # multi-token-prediction layers in the checkpoint (trained with model.enable_mtp)
 
 
+def _rope_in_old_form(config: dict) -> dict:
+    """transformers 5 writes `rope_parameters` (theta, type and scaling in one dict) where the
+    released configs have rope_theta and rope_scaling; read both."""
+    if "rope_parameters" not in config:
+        return config
+    config = dict(config)
+    rope = dict(config.pop("rope_parameters") or {})
+    if "rope_theta" in rope:
+        config["rope_theta"] = rope.pop("rope_theta")
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = rope
+    return config
+
+
 def model_args(config: dict, source: str = "config.json") -> ModelArgs:
+    config = _rope_in_old_form(config)
     family = config.get("model_type")
     if family not in _FAMILIES:
         raise UnsupportedConfig(f"{source}: model_type '{family}' is not supported "
@@ -108,6 +123,11 @@ _COMMON_KEYS = {"num_hidden_layers", "hidden_size", "intermediate_size", "num_at
                 "tie_word_embeddings", "rope_scaling"}
 
 
+def num_experts(c: dict) -> int:
+    """Qwen's released configs say num_experts; transformers 5 writes num_local_experts."""
+    return c.get("num_experts") or c["num_local_experts"]
+
+
 def _mixtral(c: dict) -> ModelArgs:
     t = _common(c)
     # Mixtral: top-k on the router logits, then softmax over the chosen k.
@@ -118,7 +138,8 @@ def _mixtral(c: dict) -> ModelArgs:
 
 def _qwen2_moe(c: dict) -> ModelArgs:
     t = _common(c)
-    t.update(add_qkv_bias=True, num_moe_experts=c["num_experts"], moe_ffn_hidden_size=c["moe_intermediate_size"],
+    t.update(add_qkv_bias=c.get("qkv_bias", True), num_moe_experts=num_experts(c),
+             moe_ffn_hidden_size=c["moe_intermediate_size"],
              # softmax over all experts, then top-k; renormalised only with norm_topk_prob
              moe_router_pre_softmax=not c.get("norm_topk_prob", False),
              moe_layer_freq=_moe_layer_pattern(c))
@@ -130,7 +151,7 @@ def _qwen2_moe(c: dict) -> ModelArgs:
 
 def _qwen3_moe(c: dict) -> ModelArgs:
     t = _common(c)
-    t.update(num_moe_experts=c["num_experts"], moe_ffn_hidden_size=c["moe_intermediate_size"],
+    t.update(num_moe_experts=num_experts(c), moe_ffn_hidden_size=c["moe_intermediate_size"],
              qk_layernorm=True, moe_router_pre_softmax=not c.get("norm_topk_prob", True),
              moe_layer_freq=_moe_layer_pattern(c))
     return _args(c, "qwen3_moe", t)
@@ -142,6 +163,9 @@ def _deepseek_v3(c: dict) -> ModelArgs:
     rope = c.get("rope_scaling") or {}
     t.update(
         num_query_groups=c["num_attention_heads"],
+        # q_a_layernorm and kv_a_layernorm: megatron-core builds MLA's norms on the compressed
+        # query and key/value only with qk_layernorm (transformer-engine fuses them into the up-projections)
+        qk_layernorm=True,
         kv_channels=c["qk_nope_head_dim"] + c["qk_rope_head_dim"],
         num_moe_experts=c["n_routed_experts"], moe_ffn_hidden_size=c["moe_intermediate_size"],
         moe_layer_freq=[0] * first_dense + [1] * (c["num_hidden_layers"] - first_dense),
@@ -166,18 +190,22 @@ def _deepseek_v3(c: dict) -> ModelArgs:
         t.update(rope_type="rope")
     if not c.get("norm_topk_prob", True):
         raise UnsupportedConfig("config.json: norm_topk_prob=false is not supported for deepseek_v3")
+    if not c.get("rope_interleave", True):
+        raise UnsupportedConfig("config.json: rope_interleave=false is not supported for deepseek_v3")
+    if c.get("qk_head_dim", t["kv_channels"]) != t["kv_channels"]:
+        raise UnsupportedConfig(f"config.json: qk_head_dim={c['qk_head_dim']} is not qk_nope_head_dim + qk_rope_head_dim")
     return _args(c, "deepseek_v3", t, mla=True, mtp_layers=c.get("num_nextn_predict_layers") or 0)
 
 
 _FAMILIES = {
     "mixtral": (_COMMON_KEYS | {"num_local_experts"}, _mixtral),
-    "qwen2_moe": (_COMMON_KEYS | {"num_experts", "moe_intermediate_size", "norm_topk_prob",
+    "qwen2_moe": (_COMMON_KEYS | {"num_experts", "num_local_experts", "qkv_bias", "moe_intermediate_size", "norm_topk_prob",
                                   "shared_expert_intermediate_size", "mlp_only_layers"}, _qwen2_moe),
-    "qwen3_moe": (_COMMON_KEYS | {"num_experts", "moe_intermediate_size", "norm_topk_prob",
+    "qwen3_moe": (_COMMON_KEYS | {"num_experts", "num_local_experts", "moe_intermediate_size", "norm_topk_prob",
                                   "mlp_only_layers"}, _qwen3_moe),
     "deepseek_v3": (_COMMON_KEYS | {"n_routed_experts", "moe_intermediate_size", "n_shared_experts",
                                     "first_k_dense_replace", "routed_scaling_factor", "n_group", "topk_group",
                                     "aux_loss_alpha", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
                                     "qk_rope_head_dim", "v_head_dim", "norm_topk_prob",
-                                    "num_nextn_predict_layers"}, _deepseek_v3),
+                                    "num_nextn_predict_layers", "qk_head_dim", "rope_interleave"}, _deepseek_v3),
 }

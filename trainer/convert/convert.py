@@ -1,0 +1,222 @@
+"""The two conversions, tensor by tensor.
+
+    hf_to_mcore   Hugging Face safetensors -> the trainer's megatron-core checkpoint (torch_dist)
+    mcore_to_hf   a trainer checkpoint + the original model directory -> safetensors shards
+
+Both check that every tensor on one side has its place on the other: a Hugging Face tensor
+no rule reads, or a megatron-core tensor no rule fills, is an error naming it. Under torchrun
+each rank converts its share (hf_to_mcore: tensors; mcore_to_hf: output shards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainer.convert import hf_files, mcore_files
+from trainer.convert.families import rules_for
+from trainer.convert.progress import Progress
+
+# Buffers some checkpoints carry that the model recomputes.
+DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_META_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _say(text: str) -> None:
+    if _rank_world()[0] == 0:
+        print(text, flush=True)
+
+
+def _start_output(out: Path) -> Path:
+    """Everything is written into OUT.tmp and renamed at the end: no half-written OUT."""
+    if out.exists():
+        raise ValueError(f"--output-path {out}: already exists; choose a new directory or remove it")
+    tmp = out.with_name(out.name + ".tmp")
+    if _rank_world()[0] == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    return tmp
+
+
+def _finish_output(tmp: Path, out: Path) -> None:
+    _barrier()
+    if _rank_world()[0] == 0:
+        os.replace(tmp, out)
+    _barrier()
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def _meta(ckpt: hf_files.HFCheckpoint, name: str) -> torch.Tensor:
+    """A shape-and-dtype stand-in for a Hugging Face tensor, without reading it."""
+    piece = ckpt._file(name).get_slice(name)
+    dtype = _META_DTYPES.get(piece.get_dtype(), torch.float32)
+    if ckpt.fp8_block and dtype == torch.float8_e4m3fn and name + hf_files.SCALE_SUFFIX in ckpt.file_of:
+        dtype = torch.bfloat16  # dequantised on the way in
+    return torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+
+
+def hf_to_mcore(src: Path, out: Path, mtp: bool = False) -> dict:
+    start = time.time()
+    mcore_files.release_large_frees()
+    ckpt = hf_files.HFCheckpoint(src)
+    rules, dropped, shared = rules_for(ckpt.config, mtp, str(src / "config.json"))
+    present = set(ckpt.names())
+    for rule in rules:
+        for name in rule.hf:
+            if name not in present:
+                raise ValueError(f"{src}: tensor {name} (for megatron-core {rule.mcore}) is missing from the checkpoint")
+    read = {n for rule in rules for n in rule.hf}
+    left_out = sorted(n for n in present if n.startswith(tuple(dropped)))
+    unmapped = sorted(n for n in present - read - set(left_out) - set(shared) if not n.endswith(DERIVED_SUFFIXES))
+    if unmapped:
+        raise ValueError(f"{src}: {len(unmapped)} tensor(s) no rule converts, first {unmapped[0]} "
+                         f"(model_type {ckpt.config['model_type']}); the checkpoint does not match its config.json")
+    if left_out:
+        _say(f"hf-to-mcore: left out {len(left_out)} tensors of the multi-token-prediction layer "
+             f"({dropped[0]}*); pass --mtp to convert them for model.enable_mtp")
+    for copy_name, original in shared.items():
+        if copy_name in present and not torch.equal(ckpt.get(copy_name), ckpt.get(original)):
+            raise ValueError(f"{src}: {copy_name} differs from {original}; megatron-core's multi-token "
+                             "prediction shares them, so this checkpoint cannot be converted exactly")
+
+    rank, world = _rank_world()
+    rules.sort(key=lambda r: (ckpt.file_of[r.hf[0]], r.hf[0]))  # read the shards in order
+    mine = rules[rank::world]
+    specs = []
+    for rule in mine:
+        stand_in = rule.to_mcore([_meta(ckpt, n) for n in rule.hf])
+        specs.append(mcore_files.TensorSpec(rule.mcore, tuple(stand_in.shape), stand_in.dtype))
+    by_key = {rule.mcore: rule for rule in mine}
+    total = sum(ckpt.nbytes(n) for rule in mine for n in rule.hf)
+    progress = Progress(total, "hf-to-mcore", enabled=rank == 0)
+
+    def produce(key: str) -> torch.Tensor:
+        rule = by_key[key]
+        tensors = [ckpt.get(n) for n in rule.hf]
+        progress.advance(sum(ckpt.nbytes(n) for n in rule.hf))
+        return rule.to_mcore(tensors)
+
+    tmp = _start_output(out)
+    mcore_files.save(tmp, specs, produce)
+    progress.close()
+    ckpt.close()
+    _finish_output(tmp, out)
+    return _summary("hf-to-mcore", len(rules), total * world, start, out)
+
+
+def mcore_to_hf(src: Path, original: Path, out: Path, dtype: str | None = None,
+                shard_gib: float = 4.0) -> dict:
+    start = time.time()
+    mcore_files.release_large_frees()
+    stored = mcore_files.tensor_specs(src)
+    config = json.loads((original / "config.json").read_text()) if (original / "config.json").exists() else None
+    if config is None:
+        raise ValueError(f"{original / 'config.json'}: not found; --hf-model-path is the original model directory")
+    mtp = any(k.startswith("mtp.") for k in stored)
+    rules, _, shared = rules_for(config, mtp, str(original / "config.json"))
+    for rule in rules:
+        if rule.mcore not in stored:
+            raise ValueError(f"{src}: megatron-core tensor {rule.mcore} is missing; was this checkpoint trained "
+                             f"from {original}?")
+    model_keys = {k for k in stored if not k.startswith("optimizer.")}
+    unmapped = sorted(model_keys - {r.mcore for r in rules})
+    if unmapped:
+        raise ValueError(f"{src}: {len(unmapped)} megatron-core tensor(s) no rule converts, first {unmapped[0]}")
+    name = dtype or config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name}: not supported (choose {', '.join(DTYPES)})")
+    target = DTYPES[name]
+
+    # Output shards: rules in order, a shard closed when it passes shard_gib. MTP's embedding
+    # and head are written as copies of the model's (megatron-core shares them).
+    size = torch.tensor([], dtype=target).element_size()
+    shards, outputs, current, current_names, current_bytes = [], [], [], [], 0
+    for rule in rules:
+        names = []
+        for hf_name, t in zip(rule.hf, rule.to_hf(torch.empty(stored[rule.mcore].shape, device="meta"))):
+            names += [(n, t.numel()) for n in [hf_name] + [c for c, m in shared.items() if m == hf_name]]
+        nbytes = sum(numel for _, numel in names) * size
+        if current and current_bytes + nbytes > shard_gib * 2**30:
+            shards.append(current)
+            outputs.append(current_names)
+            current, current_names, current_bytes = [], [], 0
+        current.append(rule)
+        current_names += names
+        current_bytes += nbytes
+    shards.append(current)
+    outputs.append(current_names)
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    rank, world = _rank_world()
+    tmp = _start_output(out)
+    mine = list(range(rank, len(shards), world))
+    total = sum(_stored_bytes(stored[r.mcore]) for i in mine for r in shards[i])
+    progress = Progress(total, "mcore-to-hf", enabled=rank == 0)
+    for i in mine:
+        loaded = mcore_files.read(src, [stored[r.mcore] for r in shards[i]])
+        tensors = {}
+        for rule in shards[i]:
+            for hf_name, tensor in zip(rule.hf, rule.to_hf(loaded.pop(rule.mcore))):
+                tensors[hf_name] = tensor.to(target)
+            progress.advance(_stored_bytes(stored[rule.mcore]))
+        for copy_name, main in shared.items():
+            if main in tensors:
+                tensors[copy_name] = tensors[main].clone()
+        hf_files.write_shard(tmp / files[i], tensors)
+    progress.close()
+    if rank == 0:
+        file_of = {n: files[i] for i, names in enumerate(outputs) for n, _ in names}
+        hf_files.write_index(tmp, file_of, sum(numel for names in outputs for _, numel in names) * size)
+        _write_side_files(original, tmp, name)
+    _finish_output(tmp, out)
+    return _summary("mcore-to-hf", len(rules), total * world, start, out)
+
+
+def _stored_bytes(spec: mcore_files.TensorSpec) -> int:
+    count = 1
+    for s in spec.shape:
+        count *= s
+    return count * torch.tensor([], dtype=spec.dtype).element_size()
+
+
+def _write_side_files(original: Path, out: Path, dtype_name: str) -> None:
+    for name in hf_files.SIDE_FILES:
+        if (original / name).exists() and name != "config.json":
+            shutil.copy(original / name, out / name)
+    config = json.loads((original / "config.json").read_text())
+    if config.pop("quantization_config", None) is not None:
+        print(f"mcore-to-hf: weights written in {dtype_name}; quantization_config left out of config.json", flush=True)
+    config["torch_dtype"] = dtype_name
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _summary(direction: str, tensors: int, nbytes: int, start: float, out: Path) -> dict:
+    seconds = time.time() - start
+    summary = {"direction": direction, "tensors": tensors, "bytes_read": nbytes, "seconds": round(seconds, 2),
+               "gb_per_s": round(nbytes / 1e9 / max(seconds, 1e-9), 3), "peak_rss_gib": round(peak_rss_gib(), 3),
+               "output": str(out)}
+    _say(f"{direction}: {tensors} tensors, {nbytes / 1e9:.2f} GB read in {seconds:.1f} s "
+         f"({summary['gb_per_s']} GB/s), peak RSS {summary['peak_rss_gib']} GiB (rank 0) -> {out}")
+    return summary
