@@ -1,6 +1,6 @@
 """Conversion throughput and peak memory on this machine: a synthetic Mixtral-shaped checkpoint
 of a few GB (scripts/synthetic_checkpoint.py), converted hf-to-mcore and back with
-`launcher convert`, timed from outside; results in bench/results/convert_<host>.json.
+`launcher convert`, timed from outside; results in bench/results/convert_cpu<cores>_nproc<n>.json.
 
     python bench/convert_throughput.py [--gb 3] [--workdir /tmp/moe-convert-bench]
 """
@@ -56,7 +56,7 @@ def main() -> None:
         "hf_to_mcore": {**to_mcore, "wall_s_with_startup": round(wall_in, 2)},
         "mcore_to_hf": {**to_hf, "wall_s_with_startup": round(wall_out, 2)},
     }
-    out = REPO / "bench" / "results" / f"convert_cpu{os.cpu_count()}.json"
+    out = REPO / "bench" / "results" / f"convert_cpu{os.cpu_count()}_nproc{args.nproc}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     shutil.rmtree(args.workdir, ignore_errors=True)
