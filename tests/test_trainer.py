@@ -4,6 +4,7 @@ Layout equivalence runs start from one shared checkpoint (trained 1 step with lr
 holds the initial weights) loaded through megatron.dist_checkpointing_path.
 """
 
+import json
 import shutil
 
 import pyarrow as pa
@@ -62,12 +63,33 @@ def test_loss_falls_and_validation_is_logged(tmp_path):
     ["megatron.expert_model_parallel_size=1"],
     ["megatron.expert_model_parallel_size=1", "megatron.pipeline_model_parallel_size=2"],
     ["megatron.expert_model_parallel_size=1", "megatron.tensor_model_parallel_size=2"],
-], ids=["ep1", "pp2", "tp2"])
+    # experts replicated over the TP ranks: their gradients must be summed over them
+    ["megatron.expert_model_parallel_size=1", "megatron.tensor_model_parallel_size=2",
+     "megatron.expert_tensor_parallel_size=1"],
+], ids=["ep1", "pp2", "tp2", "tp2-etp1"])
 def test_layouts_give_the_same_losses_as_ep2(tmp_path, init_checkpoint, baseline, layout):
     _, expected = baseline
     _, _, metrics = train(tmp_path, f"megatron.dist_checkpointing_path={init_checkpoint}",
                           "trainer.total_training_steps=6", *STEADY, *layout)
     assert losses(metrics) == pytest.approx(expected, rel=1e-5)
+
+
+def test_z_loss_and_capacity_factor_act_on_training(tmp_path, init_checkpoint, baseline):
+    """Router z-loss adds to the gradients but not to the LM loss; a capacity factor drops
+    tokens, which changes the output and the tokens each expert receives."""
+    run, _ = baseline
+    first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][0]
+    moe = "model.override_config.moe_config"
+    _, _, z = train(tmp_path / "z", f"megatron.dist_checkpointing_path={init_checkpoint}",
+                    "trainer.total_training_steps=1", *STEADY, f"{moe}.z_loss_coeff=0.1")
+    assert z[0]["loss"] == pytest.approx(first["loss"], rel=1e-6)
+    assert abs(z[0]["grad_norm"] - first["grad_norm"]) > 1e-4 * first["grad_norm"]
+    _, _, dropped = train(tmp_path / "cf", f"megatron.dist_checkpointing_path={init_checkpoint}",
+                          "trainer.total_training_steps=1", *STEADY, f"{moe}.capacity_factor=0.5")
+    # at initialisation the experts' output is small, so dropping tokens moves the loss a little
+    assert abs(dropped[0]["loss"] - first["loss"]) > 2e-6 * first["loss"]
+    for layer, counts in dropped[0]["tokens_per_expert"].items():
+        assert sum(counts) < sum(first["tokens_per_expert"][layer])
 
 
 def test_save_under_ep2_resume_under_ep1(tmp_path, baseline):

@@ -81,6 +81,7 @@ def build(recipe, run_dir: Path) -> Run:
             vp_stage=stage))
     for chunk in chunks:
         chunk.to(devices.device())
+        _mark_replicated_experts(chunk, meg)
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -107,6 +108,19 @@ def build(recipe, run_dir: Path) -> Run:
         start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max(total, 1), wd_incr_style="constant")
     return Run(recipe=recipe, run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                config=config, dtype=dtype)
+
+
+def _mark_replicated_experts(model, meg) -> None:
+    """megatron-core flags expert weights as such (allreduce=False, reduced over the expert
+    data-parallel group) only when EP > 1. With EP=1 and ETP < TP, the TP ranks hold the same
+    experts but route different sequence shards to them, and the data-parallel group that would
+    reduce "dense" weights leaves those ranks out: each rank would keep its own partial
+    gradient. Flag them, so that DDP sums them over the expert data-parallel group."""
+    if meg.expert_model_parallel_size > 1 or meg.expert_tensor_parallel_size == meg.tensor_model_parallel_size:
+        return
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:  # routed experts (shared experts are ordinary TP-sharded weights)
+            param.allreduce = False
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
