@@ -73,3 +73,16 @@ def test_deepseek_fits_on_h200_not_on_h100(tmp_path):
     for key in "params grads optimizer activations total".split():
         assert key in result["memory_gib"]
     assert result["memory_gib"]["total"] > 80
+
+
+def test_multi_token_prediction_layer_is_counted_on_the_last_stage():
+    recipe = load_recipe(RECIPES / "deepseek_v3.yaml")
+    model = read_model(recipe.model.path)
+    assert model.mtp_layers == 1
+    lay = plan_layout(recipe, model)
+    last = lay.pp - 1
+    dense, expert = stage_params(model, lay, last)
+    dense_mtp, expert_mtp = stage_params(model, lay, last, mtp=1)
+    assert (expert_mtp - expert) * lay.ep * lay.etp == model.num_experts * model.expert_params()
+    assert (dense_mtp - dense) * lay.tp > 2 * model.hidden * model.hidden  # attention, norms, eh_proj
+    assert stage_params(model, lay, 0, mtp=1) == stage_params(model, lay, 0)

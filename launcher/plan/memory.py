@@ -63,15 +63,22 @@ def padded_vocab(model: ModelDims, tp: int) -> int:
     return -(-model.vocab // step) * step
 
 
-def stage_params(model: ModelDims, layout: Layout, stage: int) -> tuple[float, float]:
-    """(dense, expert) parameters held by one GPU of pipeline stage `stage`."""
+def stage_params(model: ModelDims, layout: Layout, stage: int, mtp: int = 0) -> tuple[float, float]:
+    """(dense, expert) parameters held by one GPU of pipeline stage `stage`; `mtp`
+    multi-token-prediction layers (MoE layers with two norms and a 2h -> h projection) sit on
+    the last stage, as megatron-core places them."""
     start = sum(layout.stage_layers[:stage])
     layers = range(start, start + layout.stage_layers[stage])
     moe = sum(1 for i in layers if i in set(model.moe_layers))
     dense_layers = len(layers) - moe
     attn_tp, attn_rep = model.attention_params()
     tp = layout.tp
+    if stage == layout.pp - 1 and mtp:
+        moe += mtp
+        layers = range(len(layers) + mtp)  # the MTP layers' attention too
     dense = len(layers) * (attn_tp / tp + attn_rep)
+    if stage == layout.pp - 1:
+        dense += mtp * (2 * model.hidden * model.hidden / tp + 3 * model.hidden)
     dense += dense_layers * (model.dense_mlp_params() / tp + model.hidden)
     dense += moe * (model.shared_expert_params() / tp + model.moe_replicated_params())
     embedding = padded_vocab(model, tp) * model.hidden / tp
@@ -118,7 +125,7 @@ def estimate_memory(recipe: Recipe, model: ModelDims, layout: Layout, capacity_g
     meg = recipe.megatron
     best = None
     for stage in range(layout.pp):
-        dense, expert = stage_params(model, layout, stage)
+        dense, expert = stage_params(model, layout, stage, _mtp_layers(recipe, model))
         params = 2 * (dense + expert)
         grads = 4 * (dense + expert)
         if meg.use_distributed_optimizer:
@@ -142,6 +149,8 @@ def _stage_activations(recipe: Recipe, model: ModelDims, layout: Layout, stage: 
     layers = range(start, start + layout.stage_layers[stage])
     moe_set = set(model.moe_layers)
     per_layer = [layer_activation_bytes(model, layout, recipe, i in moe_set) for i in layers]
+    mtp = _mtp_layers(recipe, model) if stage == layout.pp - 1 else 0
+    per_layer += [layer_activation_bytes(model, layout, recipe, True)] * mtp
     in_flight = min(layout.pp - stage, layout.num_microbatches) if layout.pp > 1 else 1
     s = recipe.data.max_length / layout.cp
     b = recipe.data.micro_batch_size
@@ -151,6 +160,11 @@ def _stage_activations(recipe: Recipe, model: ModelDims, layout: Layout, stage: 
     else:
         acts = in_flight * sum(per_layer)
     if stage == layout.pp - 1:
-        # bf16 logits and the fp32 copy the vocab-parallel cross-entropy works on
-        acts += s * b * padded_vocab(model, layout.tp) / layout.tp * 6
+        # bf16 logits and the fp32 copy the vocab-parallel cross-entropy works on (the MTP
+        # layers compute their own)
+        acts += (1 + mtp) * s * b * padded_vocab(model, layout.tp) / layout.tp * 6
     return acts
+
+
+def _mtp_layers(recipe: Recipe, model: ModelDims) -> int:
+    return model.mtp_layers if recipe.model.enable_mtp else 0

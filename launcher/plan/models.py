@@ -42,6 +42,7 @@ class ModelDims:
     qk_rope_dim: int = 0
     v_head_dim: int = 0
     num_groups: int = 1  # group-limited routing: experts fall into this many groups
+    mtp_layers: int = 0  # DeepSeek-V3's multi-token-prediction layers (held when model.enable_mtp)
     topk_groups: int = 1
 
     @property
@@ -186,7 +187,8 @@ def _deepseek_v3(c: dict) -> ModelDims:
                      moe_layers=moe_layers, q_lora_rank=c.get("q_lora_rank"), kv_lora_rank=c["kv_lora_rank"],
                      qk_nope_dim=c["qk_nope_head_dim"], qk_rope_dim=c["qk_rope_head_dim"],
                      v_head_dim=c["v_head_dim"], num_groups=c.get("n_group") or 1,
-                     topk_groups=c.get("topk_group") or 1, **common)
+                     topk_groups=c.get("topk_group") or 1, mtp_layers=c.get("num_nextn_predict_layers") or 0,
+                     **common)
 
 
 _READERS = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3}
