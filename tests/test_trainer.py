@@ -66,7 +66,9 @@ def test_loss_falls_and_validation_is_logged(tmp_path):
     # experts replicated over the TP ranks: their gradients must be summed over them
     ["megatron.expert_model_parallel_size=1", "megatron.tensor_model_parallel_size=2",
      "megatron.expert_tensor_parallel_size=1"],
-], ids=["ep1", "pp2", "tp2", "tp2-etp1"])
+    # context parallelism: each rank holds two sequence chunks, the loss counts over both ranks
+    ["megatron.expert_model_parallel_size=1", "megatron.context_parallel_size=2"],
+], ids=["ep1", "pp2", "tp2", "tp2-etp1", "cp2"])
 def test_layouts_give_the_same_losses_as_ep2(tmp_path, init_checkpoint, baseline, layout):
     _, expected = baseline
     _, _, metrics = train(tmp_path, f"megatron.dist_checkpointing_path={init_checkpoint}",

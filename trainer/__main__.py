@@ -25,12 +25,6 @@ def main(argv=None) -> int:
 
     try:
         recipe = load_recipe(args.config)
-        if recipe.megatron.context_parallel_size > 1:
-            from trainer.model.build import have_transformer_engine
-
-            if not have_transformer_engine():
-                raise UserError("megatron.context_parallel_size > 1 needs transformer-engine's attention "
-                                "(pip install 'moe-launcher[gpu]')")
         if recipe.megatron.param_offload:
             raise UserError("megatron.param_offload: every SFT step needs the weights on the GPU, so there is "
                             "nothing to offload; use optimizer_offload (Adam states and master weights in host "

@@ -48,6 +48,8 @@ class _CudaToCpu(TorchFunctionMode):
                 kwargs["device"] = "cpu"  # megatron passes torch.cuda.current_device()
             else:
                 kwargs["device"] = _to_cpu(device)
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False  # staging for a host-to-GPU copy; no pinned allocator without CUDA
         if func is torch.Tensor.to and args:
             args = tuple(_to_cpu(a) if i > 0 else a for i, a in enumerate(args))
         result = func(*args, **kwargs)

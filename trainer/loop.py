@@ -137,7 +137,10 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    # With context parallelism each rank keeps its two sequence chunks (and their mask rows).
+    batch = get_batch_on_this_cp_rank(dict(next(data_iterator)))
     # The loss mask also reaches megatron-core's multi-token-prediction loss, when there is one.
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
                    loss_mask=batch["loss_mask"])
@@ -159,8 +162,8 @@ def run_batches(run: Run, micro_batches: list[dict], forward_only: bool) -> tupl
         num_microbatches=len(micro_batches), seq_length=length,
         micro_batch_size=run.recipe.data.micro_batch_size, forward_only=forward_only)
     totals = torch.zeros(2, dtype=torch.float64, device=devices.device())
-    counts_here = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0 \
-        and ps.get_context_parallel_rank() == 0
+    # Each CP rank holds a different part of the sequence: all of them count (TP ranks repeat it).
+    counts_here = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
     if counts_here:
         for out in outputs:
             totals += out["lm loss"].to(totals)

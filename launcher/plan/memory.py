@@ -103,11 +103,12 @@ def layer_activation_bytes(model: ModelDims, layout: Layout, recipe: Recipe, moe
         kv = model.num_heads * (model.qk_nope_dim + model.qk_rope_dim + model.v_head_dim)
         latent = (model.q_lora_rank or 0) + model.kv_lora_rank + model.qk_rope_dim
         attn_out = model.num_heads * model.v_head_dim
-        heads_part = s * b * (q + kv + attn_out) / tp + s * b * latent
+        heads_part = s * b * (q + attn_out) / tp + s * layout.cp * b * kv / tp + s * b * latent
     else:
         q = model.num_heads * model.head_dim
         kv = 2 * model.num_kv_heads * model.head_dim
-        heads_part = s * b * (q + kv + q) / tp  # Q, K, V and the attention output
+        heads_part = s * b * (q + q) / tp + s * layout.cp * b * kv / tp  # Q, K, V and the attention output
+    # (with context parallelism each rank gathers the keys and values of the whole sequence)
     # layer input, norm output (the QKV input), projection input, residual
     attn = 2 * (tokens * 3 * h + heads_part)
     if moe:

@@ -74,6 +74,11 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank finds the same problem; say it once
             print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _checkpoint(path: Path) -> Path:

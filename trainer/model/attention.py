@@ -4,6 +4,14 @@ megatron-core's own DotProductAttention materialises the full [b, n, s, s] score
 (it runs out of memory at sequence 4096 on an H100); SDPA picks flash or memory-efficient
 kernels on the GPU and a fused kernel on the CPU. Packed sequences arrive as a boolean
 mask (True = masked out, megatron's convention) that keeps attention inside each sample.
+
+Context parallelism: megatron-core gives each CP rank two of the 2 x CP sequence chunks
+(chunk r and chunk 2 x CP - 1 - r, which balances causal work). Here every rank gathers
+the keys and values of the whole sequence, puts them back in sequence order, and attends
+with its own queries; the mask rows are this rank's query positions (megatron-core's
+get_batch_on_this_cp_rank slices them so). This is all-gather context parallelism, not
+transformer-engine's ring: keys and values of the full sequence sit on each rank, while
+the queries, activations and the [s/CP, s] scores are split.
 """
 
 from __future__ import annotations
@@ -23,8 +31,7 @@ class SDPAttention(MegatronModule):
                  cp_comm_type: Optional[str] = None, pg_collection=None, k_channels: Optional[int] = None,
                  v_channels: Optional[int] = None):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("context parallelism needs transformer-engine's attention; install moe-launcher[gpu]")
+        self.cp_size = config.context_parallel_size
         self.attn_mask_type = attn_mask_type
         head_dim = k_channels or config.kv_channels  # MLA: query/key heads are wider than value heads
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
@@ -34,6 +41,10 @@ class SDPAttention(MegatronModule):
                 packed_seq_params=None):
         if packed_seq_params is not None:
             raise ValueError("THD packed sequences need transformer-engine; the trainer packs with a mask instead")
+        if self.cp_size > 1:
+            key, value = _gather_sequence(key), _gather_sequence(value)
+            if attention_mask is None:
+                attention_mask = _zigzag_causal_mask(query.shape[0], key.shape[0], key.device)
         # [s, b, heads, dim] -> [b, heads, s, dim]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if k.shape[1] != q.shape[1]:  # grouped-query attention: share each key/value head
@@ -48,3 +59,49 @@ class SDPAttention(MegatronModule):
                                                  dropout_p=self.dropout if self.training else 0.0)
         b, n, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
+
+
+class _AllGatherSequence(torch.autograd.Function):
+    """All-gather along the sequence (dim 0) over the CP group; backward sums the gradient of
+    the whole sequence over the ranks and keeps this rank's part (all-reduce works on gloo,
+    where reduce-scatter does not)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_context_parallel_group()
+        ctx.group, ctx.rank, ctx.length = group, ps.get_context_parallel_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.length:(ctx.rank + 1) * ctx.length]
+
+
+def _gather_sequence(x: torch.Tensor) -> torch.Tensor:
+    """[s/CP, ...] on each rank (its two chunks) -> [s, ...] in sequence order."""
+    from megatron.core import parallel_state as ps
+
+    cp = ps.get_context_parallel_world_size()
+    gathered = _AllGatherSequence.apply(x)
+    chunks = gathered.chunk(2 * cp, dim=0)  # rank r holds chunks r and 2cp-1-r, in rank order
+    ordered = [None] * (2 * cp)
+    for r in range(cp):
+        ordered[r], ordered[2 * cp - 1 - r] = chunks[2 * r], chunks[2 * r + 1]
+    return torch.cat(ordered, dim=0)
+
+
+def _zigzag_causal_mask(local: int, total: int, device) -> torch.Tensor:
+    """The causal mask [1, 1, s/CP, s] for this rank's two chunks (True = masked out)."""
+    from megatron.core import parallel_state as ps
+
+    cp, rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+    chunk = total // (2 * cp)
+    rows = torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
+                      torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)]).to(device)
+    return (torch.arange(total, device=device)[None, :] > rows[:, None])[None, None]
