@@ -162,3 +162,30 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tmp_path, init_checkpoin
                            "data.global_batch_size=8", nproc=1)
     assert losses(packed) == pytest.approx(losses(unpacked), rel=1e-5)
     assert packed[0]["response_tokens"] == unpacked[0]["response_tokens"]
+
+
+def test_grouped_and_sequential_experts_write_the_same_keys_on_every_pipeline_stage(tmp_path):
+    """The GPU's GroupedMLP and the CPU's SequentialMLP name every expert's tensor alike, so a
+    checkpoint moves between them; on the second pipeline stage too (where megatron-core 0.16
+    gave all of GroupedMLP's experts one key)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.trainer_helpers import write_recipe
+
+    config = write_recipe(tmp_path, "trainer.n_gpus_per_node=2", "megatron.expert_model_parallel_size=1",
+                          "megatron.pipeline_model_parallel_size=2")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(REPO / "tests" / "checkpoint_keys.py"), str(config), str(tmp_path / "keys")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        found = json.loads((tmp_path / f"keys.{rank}").read_text())
+        assert found["grouped"] == found["sequential"]
+        assert len(set(found["grouped"])) == len(found["grouped"])
+    last = json.loads((tmp_path / "keys.1").read_text())["grouped"]
+    assert "decoder.layers.1.mlp.experts.experts.3.linear_fc1.weight_w" in last

@@ -30,11 +30,63 @@ def gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bo
 
 
 def install() -> None:
-    """Make megatron-core's GroupedMLP use `gmm` when the grouped_gemm package is absent."""
+    """Make megatron-core's GroupedMLP use `gmm` when the grouped_gemm package is absent, and
+    name its checkpoint tensors right on every pipeline stage."""
     from megatron.core.transformer.moe import experts, grouped_gemm_util
 
+    _keep_expert_keys_under_pipeline(experts.GroupedMLP)
     if grouped_gemm_util.grouped_gemm_is_available():
         return
     shim = types.SimpleNamespace(ops=types.SimpleNamespace(gmm=gmm), assert_grouped_gemm_is_available=lambda: None,
                                  grouped_gemm_is_available=lambda: True)
     experts.gg = shim
+
+
+def _keep_expert_keys_under_pipeline(grouped_mlp) -> None:
+    """megatron-core 0.16's GroupedMLP names each expert's checkpoint tensor (one key per
+    expert, the trainer's format) by replacing its module prefix inside the tensor's key. By
+    the time the key is built, the transformer block has renamed the layer from its number on
+    this pipeline stage to its global number; on every stage but the first the two differ, the
+    replacement finds nothing, all experts get one key and saving fails. Build under the local
+    key, then rename the tensors to the global one."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    original = grouped_mlp.sharded_state_dict
+    if getattr(original, "keeps_expert_keys", False):
+        return
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        state = original(self, prefix, sharded_offsets, metadata)
+        for value in state.values():
+            if isinstance(value, ShardedTensorFactory):
+                value.build_fn = _built_under_local_key(value.build_fn, prefix)
+        return state
+
+    sharded_state_dict.keeps_expert_keys = True
+    grouped_mlp.sharded_state_dict = sharded_state_dict
+
+
+def _built_under_local_key(build_fn, local_prefix: str):
+    depth = local_prefix.count(".")  # "decoder.layers.<local>.mlp.experts." and its global twin
+
+    def build(key, tensor, replica_id, flattened_range, *args, **kwargs):
+        global_prefix = ".".join(key.split(".")[:depth]) + "."
+        built = build_fn(local_prefix + key[len(global_prefix):], tensor, replica_id, flattened_range, *args, **kwargs)
+        _rename(built, local_prefix, global_prefix)
+        return built
+
+    return build
+
+
+def _rename(built, old: str, new: str) -> None:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if isinstance(built, ShardedTensor):
+        if built.key.startswith(old):
+            built.key = new + built.key[len(old):]
+    elif isinstance(built, dict):
+        for value in built.values():
+            _rename(value, old, new)
+    elif isinstance(built, (list, tuple)):
+        for value in built:
+            _rename(value, old, new)
