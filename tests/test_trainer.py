@@ -186,6 +186,7 @@ def test_grouped_and_sequential_experts_write_the_same_keys_on_every_pipeline_st
     for rank in (0, 1):
         found = json.loads((tmp_path / f"keys.{rank}").read_text())
         assert found["grouped"] == found["sequential"]
+        assert found["grouped optimizer"] == found["sequential optimizer"]
         assert len(set(found["grouped"])) == len(found["grouped"])
     last = json.loads((tmp_path / "keys.1").read_text())["grouped"]
     assert "decoder.layers.1.mlp.experts.experts.3.linear_fc1.weight_w" in last

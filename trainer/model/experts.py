@@ -67,12 +67,19 @@ def _keep_expert_keys_under_pipeline(grouped_mlp) -> None:
 
 
 def _built_under_local_key(build_fn, local_prefix: str):
-    depth = local_prefix.count(".")  # "decoder.layers.<local>.mlp.experts." and its global twin
+    import re
+
+    # "decoder.layers.<local>.mlp.experts." and its global twin, anywhere in the key (the
+    # optimizer's keys carry their own prefix in front)
+    twin = re.compile(re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(local_prefix)))
 
     def build(key, tensor, replica_id, flattened_range, *args, **kwargs):
-        global_prefix = ".".join(key.split(".")[:depth]) + "."
-        built = build_fn(local_prefix + key[len(global_prefix):], tensor, replica_id, flattened_range, *args, **kwargs)
-        _rename(built, local_prefix, global_prefix)
+        found = twin.search(key)
+        if found is None or found.group(0) == local_prefix:
+            return build_fn(key, tensor, replica_id, flattened_range, *args, **kwargs)
+        built = build_fn(key.replace(found.group(0), local_prefix, 1), tensor, replica_id, flattened_range,
+                         *args, **kwargs)
+        _rename(built, local_prefix, found.group(0))
         return built
 
     return build
@@ -82,8 +89,7 @@ def _rename(built, old: str, new: str) -> None:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     if isinstance(built, ShardedTensor):
-        if built.key.startswith(old):
-            built.key = new + built.key[len(old):]
+        built.key = built.key.replace(old, new, 1)
     elif isinstance(built, dict):
         for value in built.values():
             _rename(value, old, new)
