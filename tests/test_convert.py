@@ -25,11 +25,12 @@ def convert(*args, nproc=None):
     return run_launcher("convert", *args, *extra, env=ENV, timeout=600)
 
 
-def verify(hf, mcore, ep=1):
-    """The verify command, alone (EP=1) or on 2 gloo ranks under torchrun (EP=2)."""
-    command = ["-m", "trainer.convert", "verify", "--hf-model-path", str(hf), "--mcore-path", str(mcore), "--ep", str(ep)]
-    if ep > 1:
-        command = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ep}", *command]
+def verify(hf, mcore, ep=1, tp=1):
+    """The verify command, alone or on 2 gloo ranks under torchrun (EP=2 or TP=2)."""
+    command = ["-m", "trainer.convert", "verify", "--hf-model-path", str(hf), "--mcore-path", str(mcore),
+               "--ep", str(ep), "--tp", str(tp)]
+    if ep * tp > 1:
+        command = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ep * tp}", *command]
     command = [sys.executable, *command]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **ENV, "PYTHONPATH": str(REPO)})
@@ -60,6 +61,8 @@ def test_round_trip_is_exact_and_logits_match_transformers(tmp_path, family):
 
     assert verify(hf, tmp_path / "mcore") < 1e-4
     assert verify(hf, tmp_path / "mcore", ep=2) < 1e-4
+    if family == "qwen3_235b_a22b":  # tensor parallel with sequence parallelism, experts sharded too
+        assert verify(hf, tmp_path / "mcore", tp=2) < 1e-4
 
 
 def test_trained_checkpoint_converts_back_to_a_transformers_model(tmp_path):
