@@ -212,7 +212,7 @@ def test_memory_stays_bounded_by_the_shards_and_ranks_split_the_work(tmp_path):
 
     from trainer.convert import mcore_files
 
-    small = write(tmp_path / "small", layers=1, hidden=64, ffn=64, experts=2, vocab=256, shard_mib=1)
+    write(tmp_path / "small", layers=1, hidden=64, ffn=64, experts=2, vocab=256, shard_mib=1)
     big = write(tmp_path / "big", layers=4, hidden=512, ffn=1024, experts=8, vocab=4096, shard_mib=24,
                 dtype=torch.float32)
     assert big["shards"] >= 8 and big["bytes"] > 6 * big["largest_shard"]

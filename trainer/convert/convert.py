@@ -27,8 +27,6 @@ from trainer.convert.progress import Progress
 # Buffers some checkpoints carry that the model recomputes.
 DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_META_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def _rank_world() -> tuple[int, int]:
@@ -68,15 +66,6 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def _meta(ckpt: hf_files.HFCheckpoint, name: str) -> torch.Tensor:
-    """A shape-and-dtype stand-in for a Hugging Face tensor, without reading it."""
-    piece = ckpt._file(name).get_slice(name)
-    dtype = _META_DTYPES.get(piece.get_dtype(), torch.float32)
-    if ckpt.fp8_block and dtype == torch.float8_e4m3fn and name + hf_files.SCALE_SUFFIX in ckpt.file_of:
-        dtype = torch.bfloat16  # dequantised on the way in
-    return torch.empty(piece.get_shape(), dtype=dtype, device="meta")
-
-
 def hf_to_mcore(src: Path, out: Path, mtp: bool = False) -> dict:
     start = time.time()
     mcore_files.release_large_frees()
@@ -106,7 +95,7 @@ def hf_to_mcore(src: Path, out: Path, mtp: bool = False) -> dict:
     mine = rules[rank::world]
     specs = []
     for rule in mine:
-        stand_in = rule.to_mcore([_meta(ckpt, n) for n in rule.hf])
+        stand_in = rule.to_mcore([ckpt.meta(n) for n in rule.hf])
         specs.append(mcore_files.TensorSpec(rule.mcore, tuple(stand_in.shape), stand_in.dtype))
     by_key = {rule.mcore: rule for rule in mine}
     total = sum(ckpt.nbytes(n) for rule in mine for n in rule.hf)
@@ -151,7 +140,7 @@ def mcore_to_hf(src: Path, original: Path, out: Path, dtype: str | None = None,
 
     # Output shards: rules in order, a shard closed when it passes shard_gib. MTP's embedding
     # and head are written as copies of the model's (megatron-core shares them).
-    size = torch.tensor([], dtype=target).element_size()
+    size = target.itemsize
     shards, outputs, current, current_names, current_bytes = [], [], [], [], 0
     for rule in rules:
         names = []
@@ -195,10 +184,7 @@ def mcore_to_hf(src: Path, original: Path, out: Path, dtype: str | None = None,
 
 
 def _stored_bytes(spec: mcore_files.TensorSpec) -> int:
-    count = 1
-    for s in spec.shape:
-        count *= s
-    return count * torch.tensor([], dtype=spec.dtype).element_size()
+    return torch.Size(spec.shape).numel() * spec.dtype.itemsize
 
 
 def _write_side_files(original: Path, out: Path, dtype_name: str) -> None:

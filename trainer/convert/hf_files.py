@@ -60,19 +60,26 @@ class HFCheckpoint:
             tensor = dequantise(tensor, self._file(scale_name).get_tensor(scale_name), self.fp8_block)
         return tensor
 
-    def nbytes(self, name: str) -> int:
+    def meta(self, name: str) -> torch.Tensor:
+        """A shape-and-dtype stand-in for what get() returns, without reading the data."""
         piece = self._file(name).get_slice(name)
-        count = 1
-        for size in piece.get_shape():
-            count *= size
-        return count * _DTYPE_BYTES[piece.get_dtype()]
+        dtype = _DTYPES[piece.get_dtype()]
+        if self.fp8_block and dtype == torch.float8_e4m3fn and name + SCALE_SUFFIX in self.file_of:
+            dtype = torch.bfloat16  # dequantised on the way in
+        return torch.empty(piece.get_shape(), dtype=dtype, device="meta")
+
+    def nbytes(self, name: str) -> int:
+        """Bytes stored in the file (what reading costs)."""
+        piece = self._file(name).get_slice(name)
+        return torch.Size(piece.get_shape()).numel() * _DTYPES[piece.get_dtype()].itemsize
 
     def close(self) -> None:
         self._open, self._open_name = None, None
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def dequantise(weight: torch.Tensor, scale_inv: torch.Tensor, block: list[int]) -> torch.Tensor:

@@ -17,7 +17,6 @@ def megatron_logits(hf_path: Path, mcore_path: Path, tokens: torch.Tensor, tp: i
     """Full-vocabulary logits [batch, seq, vocab] on rank 0 (None elsewhere)."""
     from launcher.recipe import load_recipe
     from launcher.resources import resource_dir
-    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from trainer import checkpoint, devices
