@@ -215,6 +215,10 @@ def _check(recipe: Recipe, path: Path, lines) -> None:
     if recipe.trainer.total_training_steps is not None and recipe.trainer.total_training_steps < 1:
         bad("trainer.total_training_steps", f"{recipe.trainer.total_training_steps} must be 1 or more, "
             "or left out to train for total_epochs")
+    if recipe.megatron.param_offload:
+        bad("megatron.param_offload", "true is not supported: every SFT step needs the weights on the GPU, so "
+            "there is nothing to offload; use optimizer_offload (Adam states and master weights in host memory) "
+            "and grad_offload")
     if recipe.megatron.sequence_parallel and recipe.megatron.tensor_model_parallel_size == 1:
         bad("megatron.sequence_parallel", "true needs megatron.tensor_model_parallel_size > 1; set it to false")
     if not _TIME.fullmatch(recipe.job.time_limit):

@@ -91,3 +91,9 @@ def test_env_values_must_be_plain(tmp_path):
     path = write(tmp_path, "model:\n  path: m\njob:\n  env:\n    NCCL_DEBUG: INFO\n    FLAG: true\n    N: 4\n")
     (p,) = problems(lambda: load_recipe(path))
     assert "job.env.FLAG: true (a boolean) is not a plain value; quote it" in p
+
+
+def test_param_offload_is_refused_before_the_job_queues():
+    found = problems(lambda: load_recipe(RECIPES / "tiny_moe.yaml", ["megatron.param_offload=true"]))
+    assert len(found) == 1 and "megatron.param_offload: true is not supported" in found[0]
+    assert "optimizer_offload" in found[0] and "grad_offload" in found[0]

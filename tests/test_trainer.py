@@ -94,6 +94,17 @@ def test_z_loss_and_capacity_factor_act_on_training(tmp_path, init_checkpoint, b
         assert sum(counts) < sum(first["tokens_per_expert"][layer])
 
 
+def test_grad_offload_releases_gradients_without_changing_training(tmp_path, init_checkpoint, baseline):
+    """megatron.grad_offload empties the gradient buffers around the checkpoint at step 3 and
+    refills them (zeroed) for step 4: the losses are those of the baseline run."""
+    _, expected = baseline
+    _, log, metrics = train(tmp_path, f"megatron.dist_checkpointing_path={init_checkpoint}",
+                            "trainer.total_training_steps=6", *STEADY, "megatron.expert_model_parallel_size=2",
+                            "trainer.save_freq=3", "megatron.grad_offload=true")
+    assert losses(metrics) == pytest.approx(expected, rel=1e-6)
+    assert (tmp_path / "checkpoints" / "step_000003").is_dir()
+
+
 def test_save_under_ep2_resume_under_ep1(tmp_path, baseline):
     run, expected = baseline
     checkpoints = tmp_path / "checkpoints"

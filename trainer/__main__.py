@@ -25,10 +25,6 @@ def main(argv=None) -> int:
 
     try:
         recipe = load_recipe(args.config)
-        if recipe.megatron.param_offload:
-            raise UserError("megatron.param_offload: every SFT step needs the weights on the GPU, so there is "
-                            "nothing to offload; use optimizer_offload (Adam states and master weights in host "
-                            "memory) and grad_offload")
         from trainer import loop
         from trainer.data.batches import SFTData
         from trainer.data.chat import load_tokenizer
