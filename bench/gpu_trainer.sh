@@ -1,6 +1,7 @@
 #!/bin/bash
 # The trainer on one GPU: the tiny recipe and a mid-size Qwen3-MoE at sequence 4096.
-# LAYOUTS="ep2 cp2 ..." instead runs the mid-size model on two GPUs in those layouts.
+# LAYOUTS="ep2 cp2 tp2 pp2" instead runs the mid-size model on two GPUs in those layouts
+# (LAYOUTS=offload: on one GPU with optimizer_offload).
 # Run on the device machine from the repository root, with megatron-core's cp312 wheel in
 # .whl/ (see bench/README.md); writes metrics and a summary under $OUT (or bench/out).
 set -uo pipefail
@@ -34,6 +35,7 @@ if [ -n "${LAYOUTS:-}" ]; then
             tp2) run mid_tp2_etp1 bench/qwen3_moe_mid.yaml "${two[@]}" megatron.tensor_model_parallel_size=2 \
                      megatron.expert_tensor_parallel_size=1 ;;
             pp2) run mid_pp2 bench/qwen3_moe_mid.yaml "${two[@]}" megatron.pipeline_model_parallel_size=2 ;;
+            offload) NPROC=1 run mid_optimizer_offload bench/qwen3_moe_mid.yaml megatron.optimizer_offload=true ;;
         esac
     done
     python3 bench/summarize.py "$OUT" | tee "$OUT/summary.json"
