@@ -99,6 +99,7 @@ def hf_to_mcore(src: Path, out: Path, mtp: bool = False) -> dict:
         specs.append(mcore_files.TensorSpec(rule.mcore, tuple(stand_in.shape), stand_in.dtype))
     by_key = {rule.mcore: rule for rule in mine}
     total = sum(ckpt.nbytes(n) for rule in mine for n in rule.hf)
+    everything = sum(ckpt.nbytes(n) for n in read)  # all ranks together, for the summary
     progress = Progress(total, "hf-to-mcore", enabled=rank == 0)
 
     def produce(key: str) -> torch.Tensor:
@@ -112,7 +113,7 @@ def hf_to_mcore(src: Path, out: Path, mtp: bool = False) -> dict:
     progress.close()
     ckpt.close()
     _finish_output(tmp, out)
-    return _summary("hf-to-mcore", len(rules), total * world, start, out)
+    return _summary("hf-to-mcore", len(rules), everything, start, out)
 
 
 def mcore_to_hf(src: Path, original: Path, out: Path, dtype: str | None = None,
@@ -180,7 +181,7 @@ def mcore_to_hf(src: Path, original: Path, out: Path, dtype: str | None = None,
         hf_files.write_index(tmp, file_of, sum(numel for names in outputs for _, numel in names) * size)
         _write_side_files(original, tmp, name)
     _finish_output(tmp, out)
-    return _summary("mcore-to-hf", len(rules), total * world, start, out)
+    return _summary("mcore-to-hf", len(rules), sum(_stored_bytes(stored[r.mcore]) for r in rules), start, out)
 
 
 def _stored_bytes(spec: mcore_files.TensorSpec) -> int:
