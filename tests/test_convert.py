@@ -87,13 +87,13 @@ def test_trained_checkpoint_converts_back_to_a_transformers_model(tmp_path):
 
 def test_fp8_weights_are_dequantised(tmp_path):
     """DeepSeek-V3's release format: float8 weights with one scale per 128x128 block."""
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     hf = save_tiny_model("deepseek_v3", tmp_path / "hf", n_routed_experts=4, num_experts_per_tok=2, n_group=2,
                          topk_group=1, hidden_size=160, moe_intermediate_size=144)
     fp8, originals = {}, {}
     for file in sorted(hf.glob("*.safetensors")):
-        tensors = read_all_file(file)
+        tensors = load_file(file)
         for name, t in list(tensors.items()):
             if name.endswith("proj.weight") and t.dim() == 2:
                 rows, cols = t.shape
@@ -130,12 +130,6 @@ def test_fp8_weights_are_dequantised(tmp_path):
         assert error < 0.1, name  # close to the unquantised weight: the scales were applied
     assert "quantization_config" not in json.loads((tmp_path / "back" / "config.json").read_text())
     assert "quantization_config left out" in out
-
-
-def read_all_file(file):
-    from safetensors.torch import load_file
-
-    return load_file(file)
 
 
 def _add_mtp_layer(hf, layers):
