@@ -1,20 +1,9 @@
 """Qwen3-MoE: grouped-query attention with per-head RMSNorm on queries and keys (q_norm,
-k_norm), routed experts without a shared one, optional dense layers (mlp_only_layers)."""
+k_norm), routed experts without a shared one, optional dense layers (mlp_only_layers): Qwen2-MoE's
+layer layout (qwen2_moe.qwen_rules) with the q/k norms."""
 
-from trainer.model.hf_config import num_experts
-from trainer.convert.families.common import copy, dense_layers, glu, gqa_attention, outer, routed_experts
+from trainer.convert.families.qwen2_moe import qwen_rules
 
 
 def rules(c: dict, mtp: bool = False):
-    out = outer(c)
-    dense = dense_layers(c)
-    for i in range(c["num_hidden_layers"]):
-        m, h = f"decoder.layers.{i}", f"model.layers.{i}"
-        out += gqa_attention(m, h, c, qk_norm=True)
-        out.append(copy(f"{m}.mlp.linear_fc1.layer_norm_weight", f"{h}.post_attention_layernorm.weight"))
-        if i in dense:
-            out += glu(f"{m}.mlp", f"{h}.mlp")
-            continue
-        out.append(copy(f"{m}.mlp.router.weight", f"{h}.mlp.gate.weight"))
-        out += routed_experts(m, f"{h}.mlp.experts", num_experts(c))
-    return out, []
+    return qwen_rules(c, bias=bool(c.get("attention_bias", False)), qk_norm=True), []
