@@ -87,6 +87,7 @@ class MegatronSection:
     param_offload: bool = False
     grad_offload: bool = False
     optimizer_offload: bool = False
+    grad_reduce_in_fp32: bool = True  # false: bf16 gradient buffers (half the gradient memory)
     dist_checkpointing_path: Optional[str] = None  # initial weights, converted by `launcher convert`
 
 

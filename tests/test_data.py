@@ -42,7 +42,7 @@ def test_packed_rows_keep_samples_apart(tmp_path, tokenizer):
                      "data.shuffle=false")
     (row,) = list(SFTData([str(path)], cfg, tokenizer, 0).rows(0))
     samples = sorted(set(row.sample.tolist()))
-    assert samples == [0, 1, 2, 3]  # three samples and the padding
+    assert samples == [-1, 0, 1, 2]  # the padding and three samples
     last = max(i for i, s in enumerate(row.sample) if s == 0)
     assert row.loss_mask[last] == 0  # no label crosses into the next sample
 
@@ -90,3 +90,37 @@ def test_shuffle_is_fixed_by_seed_and_epoch(tmp_path, tokenizer):
     assert order(1, 0) == order(1, 0)
     assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
     assert sorted(map(str, order(1, 0))) == sorted(map(str, order(1, 1)))
+
+
+def test_tokens_per_second_count_every_sample_token_and_no_padding():
+    """A row that packing filled exactly has no padding: all of its tokens are real (the
+    throughput figures count them; the last sample of a full row once went uncounted)."""
+    import numpy as np
+
+    from trainer.data.batches import Row
+
+    full = Row(np.arange(6), np.arange(6), np.ones(6, np.float32), np.array([0, 0, 1, 1, 1, 2], np.int32))
+    padded = Row(np.arange(6), np.arange(6), np.ones(6, np.float32), np.array([0, 0, 1, -1, -1, -1], np.int32))
+    assert full.real_tokens() == 6 and padded.real_tokens() == 3
+
+
+def test_sample_boundaries_describe_the_same_attention_as_the_dense_mask(tmp_path, tokenizer):
+    """The int32 boundaries flash attention takes and the dense mask SDPA takes keep the same
+    pairs of tokens apart, over several packed rows with padding (and a row holding one sample
+    that ends exactly at its end, whose successor must still start a new sample)."""
+    import numpy as np
+    import torch
+
+    from trainer.data.batches import Row, collate
+    from trainer.model.attention import boundaries_to_mask
+
+    rows_data = [{"prompt": "Say " + "a b " * k, "response": "c " * (k + 1)} for k in range(7)]
+    path, cfg = data(tmp_path, rows_data, "data.max_length=48", "data.shuffle=false")
+    rows = list(SFTData([str(path)], cfg, tokenizer, 0).rows(0))
+    assert len(rows) >= 3 and any(len(set(r.sample.tolist())) > 2 for r in rows)
+    full = Row(np.arange(48), np.arange(48), np.ones(48, np.float32), np.zeros(48, np.int32))
+    rows = rows[:3] + [full, full]
+    dense = collate(rows, "cpu", boundaries=False)["attention_mask"]
+    cu = collate(rows, "cpu", boundaries=True)["attention_mask"]
+    assert cu.dtype == torch.int32 and int(cu[-1]) == 48 * len(rows) and 48 * 4 in cu.tolist()
+    assert torch.equal(boundaries_to_mask(cu, len(rows), 48), dense)

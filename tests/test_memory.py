@@ -86,3 +86,11 @@ def test_multi_token_prediction_layer_is_counted_on_the_last_stage():
     assert (expert_mtp - expert) * lay.ep * lay.etp == model.num_experts * model.expert_params()
     assert (dense_mtp - dense) * lay.tp > 2 * model.hidden * model.hidden  # attention, norms, eh_proj
     assert stage_params(model, lay, 0, mtp=1) == stage_params(model, lay, 0)
+
+
+def test_bf16_gradient_buffers_halve_the_gradient_memory():
+    fp32 = plan("mixtral_8x7b", "slurm").memory
+    bf16 = plan("mixtral_8x7b", "slurm", "megatron.grad_reduce_in_fp32=false").memory
+    assert bf16.grads == pytest.approx(fp32.grads / 2)
+    assert bf16.params == fp32.params and bf16.optimizer == fp32.optimizer
+    assert bf16.total == pytest.approx(fp32.total - fp32.grads / 2)

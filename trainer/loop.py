@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint, devices
+from trainer.model import fused
 from trainer.metrics import MetricsLog, flops_per_token, peak_tflops
+from trainer.profile import StepProfile
 
 STOP_FILE = "SAVE_AND_EXIT"  # written by the Slurm script when the time limit is near
 
@@ -33,6 +35,17 @@ class Run:
     scheduler: object
     config: object
     dtype: torch.dtype
+
+    def batch(self, rows) -> dict:
+        """One micro-batch on the device. Attention gets sample boundaries (flash attention
+        over variable-length samples) except under context parallelism, whose ranks slice
+        a dense mask, and transformer-engine, whose attention takes the mask."""
+        from trainer.data.batches import collate
+        from trainer.model.build import have_transformer_engine
+
+        boundaries = (self.recipe.megatron.context_parallel_size == 1 and not have_transformer_engine()
+                      and (fused.enabled("attention") or not devices.on_gpu()))
+        return collate(rows, devices.device(), boundaries)
 
 
 def setup(recipe) -> None:
@@ -84,7 +97,7 @@ def build(recipe, run_dir: Path) -> Run:
         _mark_replicated_experts(chunk, meg)
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=meg.grad_reduce_in_fp32, overlap_grad_reduce=False,
         use_distributed_optimizer=meg.use_distributed_optimizer, average_in_collective=False)
     model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                      disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
@@ -99,6 +112,7 @@ def build(recipe, run_dir: Path) -> Run:
         optimizer_cpu_offload=meg.optimizer_offload and devices.on_gpu(),
         optimizer_offload_fraction=1.0, use_torch_optimizer_for_cpu_offload=meg.optimizer_offload)
     optimizer = get_megatron_optimizer(opt_config, model)
+    fused.fuse_adam(optimizer)
     total = recipe.trainer.total_training_steps
     warmup = int(recipe.optim.lr_warmup_steps_ratio * total)
     style = {"cosine": "cosine", "linear": "linear", "constant": "constant"}[recipe.optim.lr_scheduler]
@@ -195,8 +209,9 @@ class RoutingCounter:
 
     def take(self, duplicates: int) -> dict[str, list[int]]:
         dist.all_reduce(self.counts)
+        counts = self.counts.cpu()  # one copy to the host, not one per layer
         result = {f"layer_{i}": [int(round(c / duplicates)) for c in row.tolist()]
-                  for i, row in enumerate(self.counts) if row.sum() > 0}
+                  for i, row in enumerate(counts) if row.sum() > 0}
         self.counts.zero_()
         return result
 
@@ -251,8 +266,6 @@ def should_stop(run_dir: Path, signalled: bool) -> bool:
 
 
 def validate(run: Run, val_rows: list) -> float | None:
-    from trainer.data.batches import collate
-
     if not val_rows:
         return None
     recipe = run.recipe
@@ -264,7 +277,7 @@ def validate(run: Run, val_rows: list) -> float | None:
         for start in range(0, len(val_rows), gbs):
             rows = val_rows[start:start + gbs]
             rows = rows + [empty_row(val_rows[0])] * (gbs - len(rows))  # every rank: the same micro-batch count
-            batches = [collate(group, devices.device()) for group in split_for_rank(rows, mbs)]
+            batches = [run.batch(group) for group in split_for_rank(rows, mbs)]
             s, c = run_batches(run, batches, forward_only=True)
             loss_sum, count = loss_sum + s, count + c
     for chunk in run.model:
@@ -307,7 +320,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
 
     from megatron.core import parallel_state as ps
 
-    from trainer.data.batches import collate, prefetch
+    from trainer.data.batches import prefetch
 
     run = build(recipe, run_dir)
     ckpt_root = Path(recipe.trainer.default_local_dir)
@@ -334,6 +347,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
     peak = peak_tflops()
     per_token = flops_per_token(model_dims)
     stream = prefetch(steps_of(train_data.stream(epoch, taken), gbs))
+    profile = StepProfile(rank0, first=max(total - 2, step))  # the last two steps
     signalled = []
     signal.signal(signal.SIGTERM, lambda *_: signalled.append(True))
 
@@ -359,9 +373,10 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
                 print(f"stopped at step {step} on request; the next run resumes here", flush=True)
             log.close()
             return 0
+        profile.before_step(step)
         start = time.time()
         epoch, taken, rows = next(stream)
-        batches = [collate(group, devices.device()) for group in split_for_rank(rows, mbs)]
+        batches = [run.batch(group) for group in split_for_rank(rows, mbs)]
         data_time = time.time() - start
         zero_grads(run)
         loss_sum, count = run_batches(run, batches, forward_only=False)
@@ -372,7 +387,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         mtp = mtp_loss(len(batches)) if recipe.model.enable_mtp else None
         routed = counter.take(duplicates)
         elapsed = time.time() - start
-        tokens = float(sum(int((r.sample < r.sample.max()).sum()) for r in rows))
+        tokens = float(sum(r.real_tokens() for r in rows))
         tflops = per_token * tokens / elapsed / dist.get_world_size() / 1e12
         record = {"step": step, "epoch": epoch, "loss": loss_sum / max(count, 1), "lr": run.optimizer.param_groups[0]["lr"],
                   "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
@@ -383,6 +398,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         if devices.on_gpu():
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         log.log(record, console=step % recipe.trainer.log_every == 0 or step == total)
+        profile.after_step(step)
         if recipe.trainer.test_freq > 0 and step % recipe.trainer.test_freq == 0 and step < total:
             validation_pass()
         if recipe.trainer.save_freq > 0 and step % recipe.trainer.save_freq == 0 and step < total:

@@ -2,7 +2,7 @@
 
 The model, per pipeline stage (the report is the fullest stage):
 - weights in bf16 (2 bytes); gradients in fp32 (4 bytes: megatron-core's DDP accumulates
-  bf16 training's main grads in fp32);
+  bf16 training's main grads in fp32), or bf16 with `megatron.grad_reduce_in_fp32: false`;
 - Adam: fp32 master weights and two moments (12 bytes), sharded by the distributed
   optimizer over DP x CP for dense weights and over expert-DP for experts; moved to host
   memory by `megatron.optimizer_offload`;
@@ -128,7 +128,7 @@ def estimate_memory(recipe: Recipe, model: ModelDims, layout: Layout, capacity_g
     for stage in range(layout.pp):
         dense, expert = stage_params(model, layout, stage, _mtp_layers(recipe, model))
         params = 2 * (dense + expert)
-        grads = 4 * (dense + expert)
+        grads = (4 if meg.grad_reduce_in_fp32 else 2) * (dense + expert)
         if meg.use_distributed_optimizer:
             optim = 12 * (dense / (layout.dp * layout.cp) + expert / layout.edp)
         else:

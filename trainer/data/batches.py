@@ -28,7 +28,10 @@ class Row:
     tokens: np.ndarray  # [L] int64
     labels: np.ndarray  # [L] int64
     loss_mask: np.ndarray  # [L] float32: 1 where the label is an assistant token
-    sample: np.ndarray  # [L] int32: which sample each token belongs to (padding: its own)
+    sample: np.ndarray  # [L] int32: which sample each token belongs to (padding: -1)
+
+    def real_tokens(self) -> int:
+        return int((self.sample >= 0).sum())
 
 
 class SFTData:
@@ -84,7 +87,7 @@ class SFTData:
         tokens = np.full(limit, self.pad_id, dtype=np.int64)
         labels = np.full(limit, self.pad_id, dtype=np.int64)
         loss_mask = np.zeros(limit, dtype=np.float32)
-        sample = np.full(limit, len(samples), dtype=np.int32)
+        sample = np.full(limit, -1, dtype=np.int32)
         at = 0
         for k, (ids, mask) in enumerate(samples):
             n = len(ids)
@@ -108,24 +111,44 @@ class SFTData:
             epoch, taken = epoch + 1, 0
 
 
-def collate(rows: list[Row], device) -> dict[str, torch.Tensor]:
-    """A micro-batch for GPTModel: tokens, positions, labels, loss mask and the attention mask.
+def collate(rows: list[Row], device, boundaries: bool = True) -> dict[str, torch.Tensor]:
+    """A micro-batch for GPTModel: tokens, positions, labels, loss mask and what keeps attention
+    inside each sample.
 
-    Only the [b, L] arrays cross to the device; the [b, 1, L, L] mask is built there.
+    With `boundaries` that is the samples' cumulative lengths over the micro-batch's tokens,
+    row after row (int32, [samples + 1]; trainer.model.attention); otherwise the dense
+    [b, 1, L, L] mask, built on the device (context parallelism slices its rows per rank).
     """
     def stacked(name):
         return torch.from_numpy(np.stack([getattr(r, name) for r in rows])).to(device, non_blocking=True)
 
-    tokens, labels, loss_mask, sample = (stacked(n) for n in ("tokens", "labels", "loss_mask", "sample"))
+    tokens, labels, loss_mask = (stacked(n) for n in ("tokens", "labels", "loss_mask"))
     length = tokens.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
-    same_sample = sample[:, :, None] == sample[:, None, :]
-    attention_mask = ~(causal & same_sample)[:, None]  # True = masked out, megatron's convention
+    if boundaries:
+        cu_seqlens = sample_boundaries([r.sample for r in rows])
+        attention_mask = torch.from_numpy(cu_seqlens).to(device, non_blocking=True)
+        attention_mask.max_seqlen = int(np.diff(cu_seqlens).max())  # sizes flash attention's grid
+    else:
+        sample = stacked("sample")
+        causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
+        same_sample = sample[:, :, None] == sample[:, None, :]
+        attention_mask = ~(causal & same_sample)[:, None]  # True = masked out, megatron's convention
     # RoPE depends on relative positions only, so continuing positions across packed samples
     # gives each sample the same attention as it would get alone.
     position_ids = torch.arange(length, device=tokens.device).expand_as(tokens)
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
             "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+def sample_boundaries(samples: list[np.ndarray]) -> np.ndarray:
+    """Cumulative sample lengths over rows laid end to end: every row starts a sample, and so
+    does every change of sample id within a row (padding is a sample of its own)."""
+    length = len(samples[0])
+    starts = [0]
+    for i, sample in enumerate(samples):
+        starts.extend(i * length + np.flatnonzero(np.diff(sample)) + 1)
+        starts.append((i + 1) * length)
+    return np.asarray(starts, dtype=np.int32)
 
 
 def prefetch(iterator, depth: int = 2):

@@ -2,8 +2,17 @@
 
 megatron-core's own DotProductAttention materialises the full [b, n, s, s] score matrix
 (it runs out of memory at sequence 4096 on an H100); SDPA picks flash or memory-efficient
-kernels on the GPU and a fused kernel on the CPU. Packed sequences arrive as a boolean
-mask (True = masked out, megatron's convention) that keeps attention inside each sample.
+kernels on the GPU and a fused kernel on the CPU.
+
+Packed samples arrive in one of two forms (trainer.data.batches.collate):
+- sample boundaries: an int32 tensor of cumulative sample lengths over the micro-batch's
+  tokens, row after row (what flash attention's variable-length kernel takes). On a GPU,
+  torch's `varlen_attn` then attends inside each sample and never computes a score across
+  two; elsewhere the same boundaries become a dense mask for SDPA.
+- a boolean mask [b, 1, s, s] (True = masked out, megatron's convention), with context
+  parallelism, whose ranks hold two chunks of each row.
+megatron-core passes the attention mask through to core attention untouched, so the int32
+boundaries travel in its place.
 
 Context parallelism: megatron-core gives each CP rank two of the 2 x CP sequence chunks
 (chunk r and chunk 2 x CP - 1 - r, which balances causal work). Here every rank gathers
@@ -16,7 +25,9 @@ the queries, activations and the [s/CP, s] scores are split.
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
 from typing import Optional
 
 import torch
@@ -41,6 +52,10 @@ class SDPAttention(MegatronModule):
                 packed_seq_params=None):
         if packed_seq_params is not None:
             raise ValueError("THD packed sequences need transformer-engine; the trainer packs with a mask instead")
+        if attention_mask is not None and attention_mask.dtype == torch.int32:
+            if query.is_cuda and _varlen_attn() is not None:
+                return self._attend_samples(query, key, value, attention_mask)
+            attention_mask = boundaries_to_mask(attention_mask, query.shape[1], query.shape[0])
         if self.cp_size > 1:
             key, value = _gather_sequence(key), _gather_sequence(value)
             if attention_mask is None:
@@ -59,6 +74,62 @@ class SDPAttention(MegatronModule):
                                                  dropout_p=self.dropout if self.training else 0.0)
         b, n, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
+
+
+    def _attend_samples(self, query, key, value, cu_seqlens):
+        """Flash attention over variable-length samples: [s, b, heads, dim] -> [s, b, heads x dim]."""
+        s, b, heads, dim = query.shape
+        value_dim = value.shape[-1]
+        if value_dim < dim:  # MLA: values are narrower than queries and keys; flash wants one width
+            value = F.pad(value, (0, dim - value_dim))
+        q, k, v = (t.transpose(0, 1).reshape(b * s, t.shape[2], dim) for t in (query, key, value))
+        # the longest sample sizes the kernel's grid (the row length is a safe bound)
+        longest = getattr(cu_seqlens, "max_seqlen", s)
+        out = _varlen_attn()(q, k, v, cu_seqlens, longest, self.softmax_scale)
+        return out[..., :value_dim].reshape(b, s, heads * value_dim).transpose(0, 1).contiguous()
+
+
+def boundaries_to_mask(cu_seqlens: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    """The boolean mask [b, 1, s, s] (True = masked out) that sample boundaries describe."""
+    positions = torch.arange(rows * length, device=cu_seqlens.device)
+    sample = (torch.searchsorted(cu_seqlens, positions, right=True) - 1).view(rows, length)
+    causal = torch.ones(length, length, dtype=torch.bool, device=cu_seqlens.device).tril()
+    return ~(causal & (sample[:, :, None] == sample[:, None, :]))[:, None]
+
+
+_VARLEN = []
+
+
+def _varlen_attn():
+    """torch's flash varlen attention as f(q, k, v, cu_seqlens, max_len, scale), causal, with
+    grouped-query heads; None where torch lacks it or MOE_PLAIN_KERNELS names `attention`.
+    Its keyword arguments changed between torch releases (is_causal, then window_size; scale
+    and enable_gqa later), so they are read off its signature."""
+    if _VARLEN:
+        return _VARLEN[0]
+    fn = None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        varlen_attn = None
+    if varlen_attn is not None and "attention" not in os.environ.get("MOE_PLAIN_KERNELS", "").split(","):
+        params = inspect.signature(varlen_attn).parameters
+
+        def fn(q, k, v, cu_seqlens, max_len, scale):
+            kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+            if "scale" in params:
+                kwargs["scale"] = scale
+            else:  # the kernel's own scale is 1/sqrt(dim)
+                q = q * (scale * math.sqrt(q.shape[-1]))
+            if k.shape[1] != q.shape[1]:
+                if "enable_gqa" in params:
+                    kwargs["enable_gqa"] = True
+                else:
+                    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
+    _VARLEN.append(fn)
+    return fn
 
 
 class _AllGatherSequence(torch.autograd.Function):

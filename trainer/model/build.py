@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.model import fused
 from trainer.model.hf_config import ModelArgs, model_args
 
 
@@ -52,8 +53,10 @@ def transformer_config(args: ModelArgs, recipe, dtype: torch.dtype):
         # number of such tokens across all micro-batches and data-parallel ranks.
         calculate_per_token_loss=True,
         use_cpu_initialization=not torch.cuda.is_available(),
-        gradient_accumulation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False, cross_entropy_loss_fusion=False,
+        # trainer.model.fused: weight gradients straight into the main-gradient buffer, on GPUs
+        gradient_accumulation_fusion=fused.enabled("grad_accum"),
+        bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
         moe_token_dispatcher_type=moe.token_dispatcher,
         moe_z_loss_coeff=moe.z_loss_coeff,
         moe_expert_capacity_factor=moe.capacity_factor,
@@ -87,6 +90,7 @@ def layer_spec(config, vp_stage=None):
         from trainer.model import experts
 
         experts.install()
+    fused.install()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
                                       vp_stage=vp_stage)
     if not use_te:

@@ -1,0 +1,387 @@
+"""The trainer against `transformers` on one GPU, in one invocation on one machine.
+
+    python3 bench/gpu_speed.py NAME [--models qwen3_moe_8l,qwen3_30b_a3b_slice] [--hf-mb 1,2,4]
+        [--ours-mb 1,2,4] [--ablate attention,norm,grad_accum,adam,permute] [--extra plain,bf16_grads,long]
+
+Runs the bf16 matmul ceiling (an 8192^3 product), checks each fused kernel against the plain
+code it replaces (asserts), then for each model `transformers` and the trainer at each
+micro-batch size, the trainer with each fused piece turned off (ablation), and the extras:
+`plain` (every piece off: the trainer as it was), `bf16_grads` (megatron.grad_reduce_in_fp32
+false), `long` (one 4096-token sample per row: the same attention work as `transformers`).
+Writes bench/results/NAME.json (and $OUT/NAME.json when $OUT is set) and prints a table.
+The FLOP formula is bench/README.md's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from trainer.model.fused import KERNELS  # noqa: E402
+RECIPE = REPO / "bench" / "qwen3_moe_mid.yaml"
+LENGTH, ROWS, STEPS = 4096, 8, 10
+
+
+def versions() -> dict:
+    import torch
+
+    found = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("megatron.core", "transformers", "transformer_engine"):
+        try:
+            found[name] = __import__(name, fromlist=["__version__"]).__version__
+        except ImportError:
+            found[name] = None
+    return found
+
+
+def matmul_ceiling() -> float:
+    """TFLOP/s of an 8192^3 bf16 product on random data (median of 10 after 3 warm-ups)."""
+    import torch
+
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def relative_error(out, ref) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def check_kernels() -> dict:
+    """Each fused piece against the plain code, forward and backward, on fresh random inputs."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.model import fused, norm
+    from trainer.model.attention import SDPAttention, _varlen_attn, boundaries_to_mask
+
+    errors = {}
+    torch.manual_seed(0)
+    # attention: flash over samples vs SDPA under the dense mask; GQA, and MLA's narrower values
+    for label, heads, kv_heads, dim, value_dim in (("gqa", 16, 4, 128, 128), ("mla", 16, 16, 192, 128)):
+        s, b = 2048, 2
+        q = torch.randn(s, b, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(s, b, kv_heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(s, b, kv_heads, value_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        cuts = sorted(set(torch.randint(1, b * s, (40,)).tolist()) | {s})
+        cu = torch.tensor([0, *cuts, b * s], dtype=torch.int32, device="cuda").unique()
+        cu.max_seqlen = int(cu.diff().max())
+        config = types.SimpleNamespace(context_parallel_size=1, kv_channels=dim, attention_dropout=0.0)
+        attention = SDPAttention(config, 1, None, "self")
+        assert _varlen_attn() is not None, "torch has no varlen_attn"
+        grad = torch.randn(s, b, heads * value_dim, device="cuda", dtype=torch.bfloat16)
+        outs = []
+        for mask in (cu, boundaries_to_mask(cu, b, s)):
+            out = attention(q, k, v, mask)
+            out.backward(grad)
+            outs.append((out.detach(), *(t.grad.clone() for t in (q, k, v))))
+            for t in (q, k, v):
+                t.grad = None
+        errors[f"attention_{label}"] = max(relative_error(a, r) for a, r in zip(*outs))
+    # RMSNorm, compiled vs plain
+    x = torch.randn(4096, 2, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    fused.install()
+    results = []
+    for fn in (norm.rms_norm, lambda x, w, e: F.rms_norm(x.double(), (x.shape[-1],), w.double(), e)):
+        out = fn(x, w, 1e-6)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), x.grad.clone(), w.grad.clone()))
+        x.grad = w.grad = None
+    errors["norm"] = max(relative_error(a, r) for a, r in zip(*results))
+    # weight gradient straight into an fp32 main gradient
+    inputs = torch.randn(8192, 2048, device="cuda", dtype=torch.bfloat16)
+    grad_out = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
+    main_grad = torch.randn(4096, 2048, device="cuda")
+    ref = main_grad.double() + grad_out.double().t() @ inputs.double()
+    fused.wgrad_accumulate(inputs, grad_out, main_grad)
+    errors["grad_accum"] = relative_error(main_grad, ref)
+    # token permutation without host synchronisation vs megatron-core's
+    from megatron.core.transformer.moe import moe_utils
+
+    from trainer.model import dispatch
+
+    tokens, experts, topk = 8192, 32, 4
+    scores = torch.rand(tokens, experts, device="cuda")
+    routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(topk, dim=1).indices, True)
+    probs = torch.where(routing_map, scores, 0.0)
+    hidden = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn_like(hidden)
+    results = []
+    for permute, unpermute in ((dispatch.permute, dispatch.unpermute), (moe_utils.permute, moe_utils.unpermute)):
+        x = hidden.clone().requires_grad_()
+        permuted, permuted_probs, indices = permute(x, routing_map, probs=probs, num_out_tokens=tokens * topk)
+        out = unpermute(permuted * permuted_probs[:, None].to(permuted.dtype), indices, restore_shape=x.shape,
+                        routing_map=routing_map)
+        out.backward(grad)
+        results.append((permuted.detach(), permuted_probs, out.detach(), x.grad))
+    errors["permute"] = max(relative_error(a, r) for a, r in zip(*results))
+    for name, err in errors.items():
+        assert err is None or err < 2e-2, f"{name}: relative error {err:.2e} against the plain code"
+    return {k: (float(f"{v:.3g}") if v is not None else None) for k, v in errors.items()}
+
+
+def model_flops_per_token(config: dict, context: float) -> float:
+    """bench/README.md's formula: 6 x active matmul parameters + attention's 12 x layers x heads
+    x head_dim x mean attended keys per token."""
+    h, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads, kv, hd = config["num_attention_heads"], config["num_key_value_heads"], config.get("head_dim", 128)
+    experts, topk, ffn = config["num_experts"], config["num_experts_per_tok"], config["moe_intermediate_size"]
+    per_layer = h * heads * hd * 2 + h * kv * hd * 2 + h * experts + topk * 3 * h * ffn
+    active = layers * per_layer + h * config["vocab_size"]  # the output layer; the embedding is a lookup
+    return 6 * active + 12 * layers * heads * hd * context
+
+
+def mean_context(rows) -> float:
+    """Mean number of keys a real token attends to (itself and earlier tokens of its sample)."""
+    import numpy as np
+
+    total = count = 0
+    for row in rows:
+        real = row.sample[row.sample >= 0]
+        for sample in np.unique(real):
+            n = int((real == sample).sum())
+            total += n * (n + 1) / 2
+            count += n
+    return total / count
+
+
+def long_samples(path: Path) -> Path:
+    """A parquet file of samples longer than 4096 tokens (cut to 4096 by truncation)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    words = "the model learns to sort lists of numbers and letters one step at a time".split()
+    rows = [{"prompt": " ".join(words[(i + j) % len(words)] for j in range(600)),
+             "response": " ".join(words[(i * 3 + j) % len(words)] for j in range(3600))} for i in range(64)]
+    pq.write_table(pa.table({k: [r[k] for r in rows] for k in ("prompt", "response")}), path)
+    return path
+
+
+def trainer_rows_context(data_file: str, overrides: list[str]) -> float:
+    from launcher.recipe import load_recipe
+    from trainer.data.batches import SFTData
+    from trainer.data.chat import load_tokenizer
+
+    recipe = load_recipe(RECIPE, overrides)
+    data = SFTData([data_file], recipe.data, load_tokenizer(recipe.model.tokenizer_path), 0)
+    rows = [row for _, row in zip(range(32), data.rows(0))]
+    return mean_context(rows)
+
+
+def planner_gib(overrides: list[str]) -> float:
+    out = subprocess.run([sys.executable, "-c", "from launcher.cli import main; main()", "plan", str(RECIPE), "--cluster", "local", "--json",
+                          *overrides], capture_output=True, text=True, cwd=REPO)
+    memory = json.loads(out.stdout)["memory_gib"]
+    return round(memory["total"] - memory["overhead"], 2)
+
+
+def run_hf(model_dir: Path, mb: int) -> dict:
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "hf_baseline.py"), str(model_dir),
+                          "--micro-batch", str(mb), "--rows", str(ROWS), "--steps", "8", "--length", str(LENGTH)],
+                         capture_output=True, text=True, timeout=400)
+    if out.returncode != 0:
+        return {"name": "hf", "micro_batch_size": mb, "error": (out.stderr or out.stdout).strip().splitlines()[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_ours(name: str, model_dir: Path, mb: int, overrides: list[str], plain: str = "", profile: Path | None = None,
+             work: Path = Path("/tmp/bench-speed"), gpus: int = 1) -> dict:
+    """The trainer under torchrun; stopped by SIGKILL once its last step is logged (a benchmark
+    keeps no checkpoint)."""
+    run_dir = work / f"{name}-mb{mb}"
+    subprocess.run(["rm", "-rf", str(run_dir)])
+    run_dir.mkdir(parents=True)
+    from launcher.recipe import load_recipe
+
+    overrides = [f"model.path={model_dir}", f"data.micro_batch_size={mb}", f"data.global_batch_size={ROWS * gpus}",
+                 f"trainer.n_gpus_per_node={gpus}", f"megatron.expert_model_parallel_size={gpus}",
+                 f"trainer.total_training_steps={STEPS}", f"trainer.default_local_dir={run_dir / 'checkpoints'}",
+                 "trainer.save_freq=-1", "trainer.test_freq=-1", *overrides]
+    (run_dir / "recipe.yaml").write_text(load_recipe(RECIPE, overrides).to_yaml())
+    env = {**os.environ, "MOE_PLAIN_KERNELS": plain, "PYTHONUNBUFFERED": "1"}
+    env.pop("MOE_TORCH_PROFILE", None)
+    if profile:  # with the Python stacks of whatever makes the host wait
+        env.update(MOE_TORCH_PROFILE=str(profile), MOE_TORCH_PROFILE_STACKS="1")
+    log = open(run_dir / "log.txt", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+                             "-m", "trainer", "--config", str(run_dir / "recipe.yaml")], cwd=run_dir, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 420
+    steps: list[dict] = []
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+        if metrics.exists():
+            steps = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            steps = [s for s in steps if "loss" in s]
+            if len(steps) >= STEPS:
+                break
+    stop_and_free_gpu(proc, run_dir / "recipe.yaml")
+    log.close()
+    row = {"name": name, "gpus": gpus, "micro_batch_size": mb, "plain_kernels": plain, "overrides": overrides[7:]}
+    if len(steps) < STEPS:
+        lines = (run_dir / "log.txt").read_text().strip().splitlines()
+        errors = [line for line in lines if "Error" in line or "error:" in line] or lines[-3:]
+        if "OUT" in os.environ:
+            (Path(os.environ["OUT"]) / f"{name}-mb{mb}.log").write_text("\n".join(lines[-200:]))
+        return {**row, "error": " | ".join(errors[-3:])[-600:]}
+    steady = steps[2:-2] if profile else steps[2:]
+    median = statistics.median(s["step_time_s"] for s in steady)
+    # tokens/s per GPU (the trainer logs the whole job's)
+    return {**row, "tokens_per_s": round(statistics.median(s["tokens_per_s"] for s in steady) / gpus, 1),
+            "step_time_s": round(median, 4), "peak_mem_gib": round(max(s["peak_memory_gib"] for s in steps), 2),
+            "loss_first": steps[0]["loss"], "grad_norm_first": steps[0]["grad_norm"],
+            "loss_last": steps[-1]["loss"], "planner_mem_gib": planner_gib(overrides)}
+
+
+def stop_and_free_gpu(proc, recipe: Path) -> None:
+    """SIGKILL torchrun and its worker (elastic starts workers in their own sessions), then
+    wait until their GPU memory is back, so the next run starts on an empty card."""
+    import torch
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-9", "-f", str(recipe)])
+    proc.wait()
+    for _ in range(120):
+        free, total = torch.cuda.mem_get_info()
+        if free > 0.9 * total:
+            return
+        time.sleep(0.5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("name")
+    parser.add_argument("--models", default="qwen3_moe_8l,qwen3_30b_a3b_slice")
+    parser.add_argument("--hf-mb", default="1,2,4")
+    parser.add_argument("--ours-mb", default="1,2,4")
+    parser.add_argument("--ablate", default="", help="pieces to turn off one at a time (a+b: together)")
+    parser.add_argument("--extra", default="plain,long")
+    parser.add_argument("--gpus", default="", help="also run the best `ours` on these GPU counts, EP = GPUs, "
+                        "8 rows per GPU a step (tokens/s per GPU)")
+    parser.add_argument("--profile", action="store_true", help="profile the best `ours` run's last two steps")
+    args = parser.parse_args()
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    words = lambda text: [x for x in text.split(",") if x]  # noqa: E731
+
+    import torch
+
+    out_dir = Path(os.environ.get("OUT", REPO / "bench" / "out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"device": torch.cuda.get_device_name(), "versions": versions(), "ceiling_tflops": None,
+              "kernel_checks": None, "models": {}}
+
+    def save():
+        text = json.dumps(result, indent=1)
+        (out_dir / f"{args.name}.json").write_text(text)
+
+    result["ceiling_tflops"] = round(matmul_ceiling(), 1)
+    result["kernel_checks"] = check_kernels()
+    print("ceiling", result["ceiling_tflops"], "TFLOP/s; kernel checks", result["kernel_checks"], flush=True)
+    save()
+    data = str(REPO / "recipes" / "data" / "tiny_sft.parquet")
+    long_data = str(long_samples(Path("/tmp/bench-long.parquet")))
+    long_overrides = [f"data.train_files={long_data}", "data.truncation=right"]
+    for model in words(args.models):
+        model_dir = REPO / "bench" / "models" / model
+        config = json.loads((model_dir / "config.json").read_text())
+        contexts = {"packed": trainer_rows_context(data, [f"model.path={model_dir}"]),
+                    "long": trainer_rows_context(long_data, [f"model.path={model_dir}", *long_overrides]),
+                    "hf": (LENGTH + 1) / 2}
+        rows = []
+        entry = {"config": {k: config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                   "num_key_value_heads", "head_dim", "num_experts",
+                                                   "num_experts_per_tok", "moe_intermediate_size", "vocab_size")},
+                 "sequence": LENGTH, "rows_per_step": ROWS, "mean_context": contexts, "rows": rows}
+        result["models"][model] = entry
+
+        def add(row, context):
+            if "tokens_per_s" in row:
+                flops = model_flops_per_token(config, contexts[context]) * row["tokens_per_s"] / 1e12
+                row.update(tflops_per_gpu=round(flops, 1), mfu=round(flops / result["ceiling_tflops"], 4),
+                           context=context)
+            rows.append(row)
+            print(model, json.dumps(row), flush=True)
+            save()
+
+        for mb in ints(args.hf_mb):
+            add(run_hf(model_dir, mb), "hf")
+        for mb in ints(args.ours_mb):
+            add(run_ours("ours", model_dir, mb, []), "packed")
+        done = [r for r in rows if r["name"] == "ours" and "tokens_per_s" in r]
+        best_mb = max(done, key=lambda r: r["tokens_per_s"])["micro_batch_size"] if done else 1
+        for piece in words(args.ablate):  # a piece, or several joined by +
+            add(run_ours(f"ours_plain_{piece}", model_dir, best_mb, [], plain=piece.replace("+", ",")), "packed")
+        if "plain" in words(args.extra):
+            add(run_ours("ours_plain", model_dir, 1, [], plain=",".join(KERNELS)), "packed")
+        if "bf16_grads" in words(args.extra):
+            add(run_ours("ours_bf16_grads", model_dir, best_mb, ["megatron.grad_reduce_in_fp32=false"]), "packed")
+        if "long" in words(args.extra):
+            add(run_ours("ours_long", model_dir, best_mb, long_overrides), "long")
+        for gpus in ints(args.gpus):
+            add(run_ours(f"ours_ep{gpus}", model_dir, best_mb, [], gpus=gpus), "packed")
+        check_first_step(rows, entry)
+        if args.profile:
+            profile = out_dir / f"{args.name}.{model}.profile.json"
+            row = run_ours("ours_profiled", model_dir, best_mb, [], profile=profile)
+            if profile.exists():
+                entry["profile"] = json.loads(profile.read_text())
+            add(row, "packed")
+        summary(model, rows)
+    save()
+
+
+def check_first_step(rows: list[dict], entry: dict) -> None:
+    """End to end: the fused trainer's first step (same weights, same rows) gives the plain
+    trainer's loss and gradient norm within bf16 tolerance."""
+    fused = next((r for r in rows if r["name"] == "ours" and "loss_first" in r), None)
+    plain = next((r for r in rows if r["name"] == "ours_plain" and "loss_first" in r), None)
+    if not (fused and plain):
+        return
+    loss = abs(fused["loss_first"] - plain["loss_first"]) / plain["loss_first"]
+    norm = abs(fused["grad_norm_first"] - plain["grad_norm_first"]) / plain["grad_norm_first"]
+    entry["fused_vs_plain_first_step"] = {"loss_rel": loss, "grad_norm_rel": norm}
+    assert loss < 1e-3 and norm < 1e-2, f"fused and plain first steps differ: loss {loss:.1e}, grad norm {norm:.1e}"
+
+
+def summary(model: str, rows: list[dict]) -> None:
+    best = lambda name: max((r for r in rows if r["name"] == name and "tokens_per_s" in r),  # noqa: E731
+                            key=lambda r: r["tokens_per_s"], default=None)
+    print(f"\n{model}")
+    print(f"{'row':<28}{'mb':>4}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}{'planner':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:<28}{r['micro_batch_size']:>4}  error: {r['error'][:120]}")
+            continue
+        print(f"{r['name']:<28}{r['micro_batch_size']:>4}{r['tokens_per_s']:>12,.0f}{r.get('tflops_per_gpu', 0):>10}"
+              f"{r.get('mfu', 0):>8.1%}{r['peak_mem_gib']:>10}{r.get('planner_mem_gib', ''):>9}")
+    ours, hf = best("ours"), best("hf")
+    if ours and hf:
+        print(f"best ours / best hf: {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

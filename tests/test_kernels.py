@@ -1,0 +1,77 @@
+"""The trainer's replacements for megatron-core pieces give megatron-core's results (CPU).
+
+The GPU-only kernels (flash attention over samples, compiled RMSNorm and RoPE, weight
+gradients into the main gradient) are checked against the plain code by bench/gpu_speed.py,
+which asserts before it times anything.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from megatron.core.transformer.moe import moe_utils  # noqa: E402
+
+from trainer.model import dispatch  # noqa: E402
+
+
+def routing(tokens: int, experts: int, topk: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(tokens, experts, generator=generator)
+    chosen = scores.topk(topk, dim=1).indices
+    routing_map = torch.zeros(tokens, experts, dtype=torch.bool).scatter_(1, chosen, True)
+    probs = torch.where(routing_map, scores, torch.zeros(()))
+    return routing_map, probs
+
+
+@pytest.mark.parametrize("tokens,experts,topk", [(64, 8, 2), (50, 16, 4), (7, 4, 4), (33, 32, 1)])
+def test_sync_free_permutation_equals_megatron_core(tokens, experts, topk):
+    routing_map, probs = routing(tokens, experts, topk, seed=tokens)
+    hidden = torch.randn(tokens, 12, dtype=torch.float64)
+    results = []
+    for permute, unpermute in ((moe_utils.permute, moe_utils.unpermute), (dispatch.permute, dispatch.unpermute)):
+        x = hidden.clone().requires_grad_()
+        permuted, permuted_probs, indices = permute(x, routing_map, probs=probs, num_out_tokens=tokens * topk)
+        # what the experts would do: scale each copy by its probability and by a per-row factor
+        weights = torch.linspace(0.5, 2.0, permuted.shape[0], dtype=torch.float64)[:, None]
+        out = unpermute(permuted * permuted_probs[:, None] * weights, indices, restore_shape=x.shape,
+                        routing_map=routing_map)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=torch.float64)).view_as(out))
+        results.append((permuted.detach(), permuted_probs, indices.clone(), out.detach(), x.grad))
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_token_dropping_keeps_megatron_cores_permutation():
+    """A capacity factor makes the output size data-dependent: megatron-core's own code runs."""
+    routing_map, probs = routing(20, 4, 2, seed=1)
+    routing_map[0] = False  # a dropped token
+    hidden = torch.randn(20, 6)
+    count = torch.tensor(int(routing_map.sum()))
+    ours = dispatch.permute(hidden, routing_map, probs=probs, num_out_tokens=count)
+    theirs = moe_utils.permute(hidden, routing_map, probs=probs, num_out_tokens=count)
+    assert not hasattr(ours[2], "copies_by_token")
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradient_norm_and_clipping_equal_megatron_cores_fallback():
+    """One foreach norm (no host read per tensor) and foreach scaling give megatron-core's
+    fallback results."""
+    from megatron.core import utils
+
+    from trainer.model import fused
+
+    grads = [torch.randn(n, dtype=torch.float32) for n in (3, 70, 1000)] + [torch.randn(5, 5)]
+    ours, _ = fused.l2_norm(0, None, [grads], False)
+    theirs = torch.norm(torch.stack([torch.norm(g) for g in grads]))
+    torch.testing.assert_close(ours, theirs.reshape(1))
+    twins = [g.clone() for g in grads]
+    fused.scale(0, None, [grads, grads], 0.25)  # in place, as clip_grad_by_total_norm_fp32 calls it
+    copies = [torch.empty_like(g) for g in twins]
+    fused.scale(0, None, [twins, copies], 0.25)
+    for g, c, t in zip(grads, copies, twins):
+        expected = torch.empty_like(t)
+        utils.local_multi_tensor_scale(0, None, [[t], [expected]], 0.25)
+        torch.testing.assert_close(g, expected)
+        torch.testing.assert_close(c, expected)

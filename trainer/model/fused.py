@@ -1,0 +1,113 @@
+"""Fused kernels for the TE-free path on GPUs.
+
+megatron-core fuses these through transformer-engine or apex; without them every piece of
+elementwise work runs as several kernels, each a pass over memory, and those passes, not the
+matrix products, dominated the TE-free trainer's step (bench/README.md). On a GPU, and only
+there (the CPU runs the plain code the tests check against):
+
+- norm: RMSNorm through torch.compile (one kernel forward, one backward, fp32 inside);
+- grad_accum: weight gradients of megatron-core's linear layers computed straight into the
+  fp32 (or bf16) main-gradient buffer by a matrix product that adds into it, instead of a bf16
+  gradient that DDP's hook then adds (megatron-core's gradient-accumulation fusion, whose
+  apex kernel is replaced by torch's addmm with an fp32 output);
+- adam: torch's AdamW (megatron-core's optimizer without apex or transformer-engine) through
+  its fused kernel, one launch for all parameters instead of foreach's several passes;
+- attention: flash attention over variable-length samples (trainer.model.attention);
+- permute: token permutation without host synchronisation (trainer.model.dispatch), on the
+  CPU too;
+- grad_norm: the gradient norm and clipping of megatron-core's optimizer as two foreach
+  kernels. Its fallback without apex or transformer-engine reads every gradient's norm on the
+  host (a synchronisation per tensor: 76 a step on the 8-layer benchmark model, found by the
+  profile's host waits) and scales gradients one by one. On the CPU too.
+
+MOE_PLAIN_KERNELS=norm,adam,... turns pieces off, for the benchmark's before/after rows.
+
+Measured and dropped (bench/README.md): torch.compile of megatron-core's rotary embedding and
+megatron-core's native fused cross-entropy gave no speed on one H200 (within run-to-run noise,
+and the fused cross-entropy took 4 GiB more): their launch overhead cost what they saved.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+
+KERNELS = ("attention", "norm", "grad_accum", "adam", "permute", "grad_norm")
+ON_CPU_TOO = ("permute", "grad_norm")
+
+
+def enabled(name: str) -> bool:
+    if name in os.environ.get("MOE_PLAIN_KERNELS", "").split(","):
+        return False
+    return torch.cuda.is_available() or name in ON_CPU_TOO
+
+
+def install() -> None:
+    """Swap in the fused pieces that are enabled (idempotent)."""
+    if enabled("permute"):
+        from trainer.model import dispatch
+
+        dispatch.install()
+    if enabled("grad_norm"):
+        from megatron.core.optimizer import clip_grads
+
+        if clip_grads.l2_norm_impl.__module__ == "megatron.core.utils":  # megatron-core's own fallback
+            clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl = l2_norm, scale
+    if enabled("norm"):
+        from trainer.model import norm
+
+        norm.rms_norm = _compiled(norm.rms_norm)
+    if enabled("grad_accum"):
+        from megatron.core.tensor_parallel import layers
+
+        if not layers._grad_accum_fusion_available:
+            layers.fused_weight_gradient_mlp_cuda = types.SimpleNamespace(
+                wgrad_gemm_accum_fp32=wgrad_accumulate, wgrad_gemm_accum_fp16=wgrad_accumulate)
+            layers._grad_accum_fusion_available = True
+
+
+def fuse_adam(optimizer) -> None:
+    """Switch torch AdamW optimizers inside megatron-core's (chained) optimizer to the fused
+    kernel; read at each step, so setting it after construction is enough."""
+    if not enabled("adam"):
+        return
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            for group in inner.param_groups:
+                group.update(foreach=False, fused=True)
+
+
+def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """The L2 norm of all tensors of tensor_lists[0], as a 1-element fp32 tensor on their
+    device (megatron-core's multi_tensor_l2norm contract), without reading it on the host."""
+    norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensor_lists[0]])
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
+def scale(chunk_size, noop_flag, tensor_lists, factor):
+    """tensor_lists[1][i] = tensor_lists[0][i] * factor, in two foreach kernels."""
+    sources, targets = tensor_lists
+    if all(a is b for a, b in zip(sources, targets)):
+        torch._foreach_mul_(targets, factor)
+    else:
+        torch._foreach_copy_(targets, torch._foreach_mul(sources, factor))
+
+
+def _compiled(fn):
+    if getattr(fn, "compiled_by_trainer", False):
+        return fn
+    compiled = torch.compile(fn, dynamic=False)
+    compiled.compiled_by_trainer = True
+    return compiled
+
+
+def wgrad_accumulate(inputs: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """main_grad += grad_output^T @ inputs, in main_grad's precision, with no bf16 weight
+    gradient in between (inputs: [tokens, in], grad_output: [tokens, out])."""
+    if main_grad.dtype == inputs.dtype:
+        main_grad.addmm_(grad_output.t(), inputs)
+    else:  # bf16 operands, fp32 accumulator and output
+        torch.addmm(main_grad, grad_output.t(), inputs, main_grad.dtype, out=main_grad)
