@@ -59,6 +59,13 @@ class KubernetesSection:
     backoff_limit: int = 3
     service_account: Optional[str] = None
     priority_class: Optional[str] = None
+    # The job kind: Kubeflow's training operator (PyTorchJob, kubeflow.org/v1) or Kubeflow
+    # Trainer (TrainJob, trainer.kubeflow.org/v1alpha1) with the ClusterTrainingRuntime named by
+    # `runtime`. `trainer_version` pins the Trainer release the TrainJob is written for: its
+    # override fields were renamed between releases (v2.0: podSpecOverrides).
+    api: str = choices("pytorchjob", "trainjob", default="pytorchjob")
+    runtime: str = "torch-distributed"
+    trainer_version: str = choices("v2.0", default="v2.0")
 
 
 @dataclass

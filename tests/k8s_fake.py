@@ -1,10 +1,11 @@
 """A FAKE Kubernetes API server for the tests: no kube-apiserver can run on these machines.
 
 It implements only the endpoints the launcher's Kubernetes backend calls (ConfigMaps,
-kubeflow.org/v1 PyTorchJobs, pods and pod logs) and holds objects in memory. Every body it
-receives is validated the way the real cluster would: PyTorchJobs against the Kubeflow
-CRD schema with unknown fields rejected plus the operator's webhook rules, ConfigMaps
-against the Kubernetes schema. Tests set a job's conditions and pods to play the operator.
+kubeflow.org/v1 PyTorchJobs, trainer.kubeflow.org/v1alpha1 TrainJobs, pods and pod logs) and
+holds objects in memory. Every body it receives is validated the way the real cluster would:
+jobs against their CRD schema with unknown fields rejected plus the operator's webhook rules,
+ConfigMaps against the Kubernetes schema. Tests set a job's conditions and pods to play the
+operator.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import jsonschema
 
 
 class FakeKubernetes:
-    def __init__(self, pytorchjob_schema: dict):
-        self.schema = pytorchjob_schema
+    def __init__(self, schemas: dict[str, dict]):
+        self.schemas = schemas  # by plural: pytorchjobs, trainjobs
         self.configmaps: dict[tuple, dict] = {}
         self.jobs: dict[tuple, dict] = {}
         self.pods: dict[tuple, dict] = {}
@@ -49,18 +50,31 @@ class FakeKubernetes:
             "users": [{"name": "fake", "user": {"token": "fake-token"}}]}))
 
     def run_job(self, namespace: str, name: str, condition: str, exit_code: int | None = None, log: str = "") -> None:
-        """Play the training operator: set the job's condition and its master pod."""
+        """Play the operator: set the job's condition and its first node's pod (a TrainJob
+        reports a running JobSet job in jobsStatus; it has no Running condition)."""
         job = self.jobs[(namespace, name)]
-        job["status"] = {"conditions": [{"type": condition, "status": "True", "reason": f"PyTorchJob{condition}"}],
-                         "startTime": "2026-11-24T03:00:00Z"}
-        pod = {"metadata": {"name": f"{name}-master-0", "namespace": namespace,
-                            "labels": {"training.kubeflow.org/job-name": name,
-                                       "training.kubeflow.org/replica-type": "master"}},
+        status = {"startTime": "2026-11-24T03:00:00Z", "conditions": []}
+        if job["kind"] == "TrainJob":
+            if condition == "Running":
+                status["jobsStatus"] = [{"name": "node", "active": 1, "ready": 1, "succeeded": 0, "failed": 0}]
+            else:
+                status["conditions"] = [{"type": condition, "status": "True", "reason": f"Job{condition}"}]
+            pod_name = f"{name}-node-0-0-x7k2p"
+            labels = {"jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                      "batch.kubernetes.io/job-completion-index": "0"}
+            container = "node"
+        else:
+            status["conditions"] = [{"type": condition, "status": "True", "reason": f"PyTorchJob{condition}"}]
+            pod_name = f"{name}-master-0"
+            labels = {"training.kubeflow.org/job-name": name, "training.kubeflow.org/replica-type": "master"}
+            container = "pytorch"
+        job["status"] = status
+        pod = {"metadata": {"name": pod_name, "namespace": namespace, "labels": labels},
                "spec": {"nodeName": "gpu-node-1"}, "status": {"containerStatuses": []}}
         if exit_code is not None:
-            pod["status"]["containerStatuses"] = [{"name": "pytorch", "state": {"terminated": {"exitCode": exit_code}}}]
-        self.pods[(namespace, pod["metadata"]["name"])] = pod
-        self.logs[(namespace, pod["metadata"]["name"])] = log
+            pod["status"]["containerStatuses"] = [{"name": container, "state": {"terminated": {"exitCode": exit_code}}}]
+        self.pods[(namespace, pod_name)] = pod
+        self.logs[(namespace, pod_name)] = log
 
     def _handler(self):
         fake = self
@@ -90,9 +104,10 @@ class FakeKubernetes:
                 m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/configmaps(?:/([^/]+))?", url.path)
                 if m:
                     return self.configmap(method, m.group(1), m.group(2))
-                m = re.fullmatch(r"/apis/kubeflow.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/]+))?", url.path)
-                if m:
-                    return self.pytorchjob(method, m.group(1), m.group(2))
+                m = re.fullmatch(r"/apis/(?:kubeflow.org/v1|trainer.kubeflow.org/v1alpha1)/namespaces/([^/]+)/"
+                                 r"(pytorchjobs|trainjobs)(?:/([^/]+))?", url.path)
+                if m and m.group(2) in fake.schemas:
+                    return self.job(method, m.group(1), m.group(2), m.group(3))
                 m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods", url.path)
                 if m and method == "GET":
                     selector = dict(p.split("=") for p in parse_qs(url.query).get("labelSelector", [""])[0].split(",")
@@ -125,29 +140,34 @@ class FakeKubernetes:
                     return self.reply(200, {"kind": "Status", "status": "Success"})
                 self.status(405, "method not allowed")
 
-            def pytorchjob(self, method, namespace, name):
-                from launcher.backends.kubernetes import webhook_problems
+            def job(self, method, namespace, plural, name):
+                from launcher.backends import kubernetes, trainjob
 
+                kind = {"pytorchjobs": "PyTorchJob", "trainjobs": "TrainJob"}[plural]
+                webhook = {"pytorchjobs": kubernetes.webhook_problems, "trainjobs": trainjob.webhook_problems}[plural]
                 if method == "POST":
                     body = self.body()
                     try:
-                        jsonschema.validate(body, fake.schema)
+                        jsonschema.validate(body, fake.schemas[plural])
                     except jsonschema.ValidationError as err:
-                        return self.status(422, f"PyTorchJob is invalid: {err.message}")
-                    problems = webhook_problems(body)
+                        return self.status(422, f"{kind} is invalid: {err.message}")
+                    problems = webhook(body)
                     if problems:
                         return self.status(403, "admission webhook denied the request: " + "; ".join(problems))
                     key = (namespace, body["metadata"]["name"])
                     if key in fake.jobs:
-                        return self.status(409, f'pytorchjobs.kubeflow.org "{key[1]}" already exists')
+                        return self.status(409, f'{plural} "{key[1]}" already exists')
                     fake.jobs[key] = body
                     return self.reply(201, body)
+                found = fake.jobs.get((namespace, name))
+                if found is not None and found["kind"] != kind:
+                    found = None
                 if method == "GET":
-                    job = fake.jobs.get((namespace, name))
-                    return self.reply(200, job) if job else self.status(404, f'pytorchjobs "{name}" not found')
+                    return self.reply(200, found) if found else self.status(404, f'{plural} "{name}" not found')
                 if method == "DELETE":
-                    if fake.jobs.pop((namespace, name), None) is None:
-                        return self.status(404, f'pytorchjobs "{name}" not found')
+                    if found is None:
+                        return self.status(404, f'{plural} "{name}" not found')
+                    del fake.jobs[(namespace, name)]
                     return self.reply(200, {"kind": "Status", "status": "Success"})
                 self.status(405, "method not allowed")
 

@@ -1,28 +1,24 @@
 """The Kubernetes backend's client path, against a FAKE API server (tests/k8s_fake.py) that
-validates every body against the Kubeflow CRD schema and the Kubernetes schemas."""
+validates every body against the Kubeflow CRD schemas and the Kubernetes schemas; every test
+runs for both job kinds (PyTorchJob with the `k8s` profile, TrainJob with `k8s-trainjob`)."""
 
 import json
 
 import pytest
-import yaml
 
 from tests.conftest import RECIPES, run_launcher
 from tests.k8s_fake import FakeKubernetes
-from tests.test_render import SCHEMAS, strict
+from tests.test_render import crd_schema
 
 
-@pytest.fixture
-def fake(tmp_path):
-    path = SCHEMAS / "kubeflow.org_pytorchjobs.yaml"
-    if not path.exists():
-        pytest.skip(f"the PyTorchJob CRD is not at {path}")
-    crd = yaml.safe_load(path.read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    with FakeKubernetes(strict(version["schema"]["openAPIV3Schema"])) as server:
+@pytest.fixture(params=["k8s", "k8s-trainjob"])
+def fake(tmp_path, request):
+    with FakeKubernetes({"pytorchjobs": crd_schema("kubeflow.org_pytorchjobs.yaml", "v1"),
+                         "trainjobs": crd_schema("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1")}) as server:
         kubeconfig = tmp_path / "kubeconfig"
         server.kubeconfig(kubeconfig)
         profile = tmp_path / "k8s.yaml"
-        text = (RECIPES.parent / "clusters" / "k8s.yaml").read_text()
+        text = (RECIPES.parent / "clusters" / f"{request.param}.yaml").read_text()
         profile.write_text(text.replace("kubernetes:\n", f"kubernetes:\n  kubeconfig: {kubeconfig}\n", 1))
         yield server, str(profile), {"MOE_LAUNCHER_HOME": str(tmp_path / "home")}
 
@@ -34,6 +30,8 @@ def test_submit_status_logs_cancel(fake):
     job_id = json.loads(out.splitlines()[-1])["job_id"]
     assert job_id == "k8s/training/mixtral-8x7b"
     assert ("training", "mixtral-8x7b") in server.jobs and ("training", "mixtral-8x7b-recipe") in server.configmaps
+    kind = server.jobs[("training", "mixtral-8x7b")]["kind"]
+    assert kind == ("TrainJob" if "trainjob" in open(profile).read() else "PyTorchJob")
     assert json.loads(run_launcher("status", job_id, "--json", env=env)[1])["state"] == "PENDING"
     server.run_job("training", "mixtral-8x7b", "Running", log="step 1/10 loss 2.3\n")
     status = json.loads(run_launcher("status", job_id, "--json", env=env)[1])

@@ -20,7 +20,7 @@ from tests.conftest import REPO, RECIPES, run_launcher
 GOLDEN = REPO / "tests" / "golden"
 CLUSTERS = sorted(p.stem for p in (REPO / "clusters").glob("*.yaml"))
 RECIPE_NAMES = sorted(p.stem for p in RECIPES.glob("*.yaml"))
-SCHEMAS = Path(os.environ.get("MOE_SCHEMAS_DIR", REPO.parent / "shared" / "schemas"))
+SCHEMAS = Path(os.environ.get("MOE_SCHEMAS_DIR", REPO / "tests" / "schemas"))  # SOURCES.md names their origin
 
 
 def render(recipe, cluster, *overrides):
@@ -142,14 +142,16 @@ def strict(schema):
     return schema
 
 
+def crd_schema(file: str, version: str) -> dict:
+    """A CRD's resource schema, with unknown fields rejected (the API server prunes them)."""
+    crd = yaml.safe_load((SCHEMAS / file).read_text())
+    (found,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return strict(found["schema"]["openAPIV3Schema"])
+
+
 @pytest.fixture(scope="module")
 def pytorchjob_schema():
-    path = SCHEMAS / "kubeflow.org_pytorchjobs.yaml"
-    if not path.exists():
-        pytest.skip(f"the PyTorchJob CRD is not at {path} (set MOE_SCHEMAS_DIR)")
-    crd = yaml.safe_load(path.read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return strict(version["schema"]["openAPIV3Schema"])
+    return crd_schema("kubeflow.org_pytorchjobs.yaml", "v1")
 
 
 def k8s_manifests():
@@ -200,13 +202,89 @@ def test_webhook_rules():
     bad["spec"]["pytorchReplicaSpecs"]["Chief"] = bad["spec"]["pytorchReplicaSpecs"].pop("Worker")
     bad["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
     bad["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["name"] = "trainer"
-    assert len(webhook_problems(bad)) == 5
+    assert len(webhook_problems(bad)) == 4
+
+
+def trainjobs():
+    for folder in sorted(GOLDEN.iterdir()):
+        if (folder / "trainjob.yaml").exists():
+            yield yaml.safe_load((folder / "trainjob.yaml").read_text())
+
+
+def test_trainjobs_validate_against_the_crd_the_webhook_and_kubernetes_schemas():
+    """TrainJob (Trainer v2.0): its CRD with unknown fields rejected, the webhook's rules, and
+    the pod it becomes (the runtime's `node` container with the trainer fields and overrides)
+    against the Kubernetes schemas."""
+    import jsonschema
+
+    from launcher.backends.trainjob import webhook_problems as trainjob_problems
+
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    schema = crd_schema("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1")
+    jobs = list(trainjobs())
+    assert len(jobs) >= 4
+    for job in jobs:
+        jsonschema.validate(job, schema)
+        assert trainjob_problems(job) == []
+        trainer, (override,) = job["spec"]["trainer"], job["spec"]["podSpecOverrides"]
+        container = {"name": "node", "image": trainer["image"], "command": trainer["command"], "env": trainer["env"],
+                     "resources": trainer["resourcesPerNode"], "volumeMounts": override["containers"][0]["volumeMounts"]}
+        pod_spec = {"containers": [container], "volumes": override["volumes"]}
+        pod_spec.update({k: override[k] for k in ("nodeSelector", "tolerations") if k in override})
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "node-0"},
+                                      "spec": pod_spec}, "1.33.0", strict=True)
+    bad = copy.deepcopy(jobs[0])
+    bad["spec"]["trainer"]["gpus"] = 8
+    with pytest.raises(jsonschema.ValidationError, match="gpus"):
+        jsonschema.validate(bad, schema)
+    bad = copy.deepcopy(jobs[0])
+    override = bad["spec"]["podSpecOverrides"][0]
+    override["targetJobs"] = [{"name": "launcher"}]
+    override["containers"][0]["env"] = [{"name": "A", "value": "1"}]
+    assert len(trainjob_problems(bad)) == 2
+
+
+def test_trainjob_profile_refuses_what_a_trainjob_cannot_carry(tmp_path):
+    profile = tmp_path / "tj.yaml"
+    profile.write_text((REPO / "clusters" / "k8s-trainjob.yaml").read_text() + "  priority_class: high\n")
+    rc, out, err = run_launcher("render", RECIPES / "mixtral_8x7b.yaml", "--cluster", profile)
+    assert rc == 2 and out == "" and "kubernetes.priority_class" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("resolves", [True, False])
+def test_workers_wait_for_the_master_name_then_start(resolves):
+    """The job's command waits (bounded, saying so) until the first node's name resolves, then
+    runs torchrun with its arguments untouched."""
+    _, files = render("mixtral_8x7b", "k8s")
+    command = yaml.safe_load(files["pytorchjob.yaml"])["spec"]["pytorchReplicaSpecs"]["Worker"]["template"][
+        "spec"]["containers"][0]["command"]
+    assert command[:2] == ["sh", "-c"] and command[4:7] == ["python", "-m", "torch.distributed.run"]
+    stub = [*command[:4], "printf", "%s|", "started", "it's $(not run)"]
+    env = {"PATH": os.environ["PATH"], "PET_MASTER_ADDR": "localhost" if resolves else "nowhere.invalid",
+           "MOE_MASTER_WAIT_S": "0" if not resolves else "300"}
+    proc = subprocess.run(stub, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "started|it's $(not run)|"
+    if resolves:
+        assert proc.stderr == ""
+    else:
+        assert "nowhere.invalid does not resolve after 0 s; starting anyway" in proc.stderr
+
+
+@pytest.mark.parametrize("cluster,kind", [("k8s", "pytorchjob"), ("k8s-trainjob", "trainjob")])
+def test_rendered_folder_applies_configmap_first(tmp_path, cluster, kind):
+    """`kubectl apply -f DIR` takes files in name order: the ConfigMap the job mounts comes first."""
+    rc, out, err = run_launcher("render", RECIPES / "qwen2_moe.yaml", "--cluster", cluster, "-o", tmp_path)
+    assert rc == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["configmap.yaml", f"{kind}.yaml"]
+    job = yaml.safe_load((tmp_path / f"{kind}.yaml").read_text())
+    assert "qwen2-moe-recipe" in json.dumps(job)
 
 
 def test_render_without_output_prints_specs_for_kubectl():
     rc, out, err = run_launcher("render", RECIPES / "mixtral_8x7b.yaml", "--cluster", "k8s")
     docs = list(yaml.safe_load_all(out))
     assert rc == 0 and [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob"]
+    rc, out, err = run_launcher("render", RECIPES / "mixtral_8x7b.yaml", "--cluster", "k8s-trainjob")
+    assert rc == 0 and [d["kind"] for d in yaml.safe_load_all(out)] == ["ConfigMap", "TrainJob"]
 
 
 def test_render_writes_files_and_prints_their_paths(tmp_path):

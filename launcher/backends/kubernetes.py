@@ -1,17 +1,22 @@
-"""Kubernetes: a Kubeflow PyTorchJob (kubeflow.org/v1) and a ConfigMap holding the recipe.
+"""Kubernetes: a ConfigMap holding the recipe and the job, a Kubeflow PyTorchJob
+(kubeflow.org/v1) or, with the profile's `kubernetes.api: trainjob`, a Kubeflow Trainer
+TrainJob (launcher.backends.trainjob).
 
-Manifests are built as plain data and written as YAML; `kubectl apply -f DIR` applies them.
-The operator's admission webhook enforces rules its CRD schema lacks; `webhook_problems`
-checks them here so a bad manifest fails at render time, not in the cluster.
+Manifests are built as plain data and written as YAML; `kubectl apply -f DIR` applies them
+(the ConfigMap's file sorts first). The operators' admission webhooks enforce rules their CRD
+schemas lack; `webhook_problems` checks them here so a bad manifest fails at render time, not
+in the cluster.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import yaml
 
+from launcher.backends import trainjob
 from launcher.backends.base import Backend, JobStatus
 from launcher.errors import UserError
 from launcher.job import Job
@@ -22,6 +27,17 @@ from launcher.store import JobRecord, now
 RECIPE_MOUNT = "/etc/moe-launcher"
 # Pods are named <job>-worker-<index>; keep room for that inside 63 characters.
 MAX_JOB_NAME = 40
+# Workers meet at the first node's service name, which can take a while to appear in DNS; a
+# rendezvous that starts before it resolves fails the job. Wait for it (bounded, saying so),
+# then run the command given as arguments (no value is ever pasted into the script).
+WAIT_FOR_MASTER = (
+    'addr="${PET_MASTER_ADDR:-${MASTER_ADDR:-}}"; waited=0; limit="${MOE_MASTER_WAIT_S:-300}"; '
+    'while [ -n "$addr" ] && ! getent hosts "$addr" >/dev/null 2>&1; do '
+    'if [ "$waited" -ge "$limit" ]; then '
+    'echo "moe-launcher: $addr does not resolve after ${waited} s; starting anyway" >&2; break; fi; '
+    'echo "moe-launcher: waiting for $addr to resolve (${waited} s of ${limit})" >&2; '
+    'sleep 5; waited=$((waited + 5)); done; '
+    'exec "$@"')
 
 
 def webhook_problems(job: dict) -> list[str]:
@@ -51,9 +67,35 @@ def webhook_problems(job: dict) -> list[str]:
 # Submit, follow and cancel through the Kubernetes API (the `kubernetes` client, imported
 # only here: rendering never loads it).
 
+# Job conditions of both kinds (TrainJob: Created, Complete, Failed, Suspended; it runs while a
+# JobSet job is active)
 CONDITION_STATES = {"Created": "PENDING", "Running": "RUNNING", "Restarting": "RUNNING",
-                    "Succeeded": "COMPLETED", "Failed": "FAILED", "Suspended": "PENDING"}
+                    "Succeeded": "COMPLETED", "Complete": "COMPLETED", "Failed": "FAILED", "Suspended": "PENDING"}
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """Where a job kind lives in the API, and how to find its first node's pod and container."""
+    kind: str
+    group: str
+    version: str
+    plural: str
+    first_pod_labels: tuple  # label selector parts, with {name}
+    container: str
+
+    def selector(self, name: str) -> str:
+        return ",".join(part.format(name=name) for part in self.first_pod_labels)
+
+
+KINDS = {
+    "pytorchjob": JobKind("PyTorchJob", GROUP, VERSION, PLURAL,
+                          ("training.kubeflow.org/job-name={name}", "training.kubeflow.org/replica-type=master"),
+                          "pytorch"),
+    "trainjob": JobKind("TrainJob", trainjob.GROUP, trainjob.VERSION, trainjob.PLURAL,
+                        ("jobset.sigs.k8s.io/jobset-name={name}", f"jobset.sigs.k8s.io/replicatedjob-name={trainjob.NODE}",
+                         "batch.kubernetes.io/job-completion-index=0"), trainjob.NODE),
+}
 
 
 def _api(cluster):
@@ -103,50 +145,59 @@ def _call(action: str, fn, *args, **kwargs):
 class KubernetesJobs:
     """The API half of KubernetesBackend: submit, status, logs and cancel through the client."""
 
+    def kind(self, record: JobRecord | None = None) -> JobKind:
+        api = record.details.get("api", "pytorchjob") if record else self.cluster.kubernetes.api
+        return KINDS[api]
+
     def submit(self, job: Job, files: dict[str, str]) -> JobRecord:
-        configmap, pytorchjob = self.manifests(job)
+        configmap, manifest = self.manifests(job)
+        kind = self.kind()
         core, custom = _api(self.cluster)
-        namespace = pytorchjob["metadata"]["namespace"]
-        name = pytorchjob["metadata"]["name"]
+        namespace = manifest["metadata"]["namespace"]
+        name = manifest["metadata"]["name"]
         _call(f"create ConfigMap {configmap['metadata']['name']}", core.create_namespaced_config_map,
               namespace, configmap)
         try:
-            _call(f"create PyTorchJob {name}", custom.create_namespaced_custom_object,
-                  GROUP, VERSION, namespace, PLURAL, pytorchjob)
+            _call(f"create {kind.kind} {name}", custom.create_namespaced_custom_object,
+                  kind.group, kind.version, namespace, kind.plural, manifest)
         except UserError:
             # nothing half-submitted: the recipe's ConfigMap goes too
             _call("delete ConfigMap", core.delete_namespaced_config_map, configmap["metadata"]["name"], namespace)
             raise
         return JobRecord(job_id=f"k8s/{namespace}/{name}", backend="kubernetes", cluster=self.cluster.source,
                          name=job.name, run_dir=job.run_dir, submitted_at=now(),
-                         details={"namespace": namespace, "name": name, "configmap": configmap["metadata"]["name"]})
+                         details={"namespace": namespace, "name": name, "configmap": configmap["metadata"]["name"],
+                                  "api": self.cluster.kubernetes.api})
 
     def status(self, record: JobRecord) -> JobStatus:
         from kubernetes.client.exceptions import ApiException
 
         core, custom = _api(self.cluster)
+        kind = self.kind(record)
         ns, name = record.details["namespace"], record.details["name"]
         try:
-            obj = custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+            obj = custom.get_namespaced_custom_object(kind.group, kind.version, ns, kind.plural, name)
         except ApiException as err:
             if err.status == 404:
                 cancelled = record.details.get("cancelled")
                 return JobStatus("CANCELLED" if cancelled else "UNKNOWN",
-                                 reason=None if cancelled else "the PyTorchJob no longer exists")
-            raise _api_error(f"get PyTorchJob {name}", err) from None
+                                 reason=None if cancelled else f"the {kind.kind} no longer exists")
+            raise _api_error(f"get {kind.kind} {name}", err) from None
         status = obj.get("status") or {}
         state, reason = "PENDING", None
         for condition in status.get("conditions") or []:
             if condition.get("status") == "True" and condition.get("type") in CONDITION_STATES:
                 state = CONDITION_STATES[condition["type"]]
                 reason = condition.get("reason")
+        if state == "PENDING" and any((j.get("active") or 0) > 0 for j in status.get("jobsStatus") or []):
+            state = "RUNNING"  # a TrainJob's JobSet has running jobs
         pod = self._master_pod(core, record)
         exit_code, nodes = None, None
         if pod is not None:
             nodes = (pod.get("spec") or {}).get("nodeName")
             for container in (pod.get("status") or {}).get("containerStatuses") or []:
                 terminated = (container.get("state") or {}).get("terminated")
-                if container.get("name") == "pytorch" and terminated:
+                if container.get("name") == kind.container and terminated:
                     exit_code = terminated.get("exitCode")
         return JobStatus(state, exit_code=exit_code if state in ("COMPLETED", "FAILED") else None, nodes=nodes,
                          start=status.get("startTime"), end=status.get("completionTime"), reason=reason)
@@ -154,12 +205,12 @@ class KubernetesJobs:
     def _master_pod(self, core, record: JobRecord) -> dict | None:
         ns, name = record.details["namespace"], record.details["name"]
         pods = _call("list pods", core.list_namespaced_pod, ns, _preload_content=False,
-                     label_selector=f"training.kubeflow.org/job-name={name},training.kubeflow.org/replica-type=master")
+                     label_selector=self.kind(record).selector(name))
         items = json.loads(pods.data).get("items") or []
         return items[0] if items else None
 
     def log_path(self, record: JobRecord):
-        return None  # logs come from the master pod
+        return None  # logs come from the first node's pod
 
     def logs(self, record: JobRecord, follow: bool = False, poll_s: float = 2.0):
         import time
@@ -170,7 +221,7 @@ class KubernetesJobs:
             pod = self._master_pod(core, record)
             if pod is not None:
                 text = _call("read log", core.read_namespaced_pod_log, pod["metadata"]["name"],
-                             record.details["namespace"], container="pytorch")
+                             record.details["namespace"], container=self.kind(record).container)
                 if len(text) > seen:
                     yield text[seen:]
                     seen = len(text)
@@ -182,12 +233,13 @@ class KubernetesJobs:
         from kubernetes.client.exceptions import ApiException
 
         core, custom = _api(self.cluster)
+        kind = self.kind(record)
         ns = record.details["namespace"]
-        for action, fn, name in (("delete PyTorchJob", custom.delete_namespaced_custom_object, None),
+        for action, fn, name in ((f"delete {kind.kind}", custom.delete_namespaced_custom_object, None),
                                  ("delete ConfigMap", core.delete_namespaced_config_map, record.details["configmap"])):
             try:
                 if name is None:
-                    fn(GROUP, VERSION, ns, PLURAL, record.details["name"])
+                    fn(kind.group, kind.version, ns, kind.plural, record.details["name"])
                 else:
                     fn(name, ns)
             except ApiException as err:
@@ -207,6 +259,7 @@ class KubernetesBackend(KubernetesJobs, Backend):
         return name, f"{name}-recipe"
 
     def manifests(self, job: Job) -> tuple[dict, dict]:
+        """The recipe's ConfigMap and the job (PyTorchJob or TrainJob)."""
         k8s = self.cluster.kubernetes
         name, configmap_name = self.names(job)
         labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/managed-by": "moe-launcher"}
@@ -216,10 +269,30 @@ class KubernetesBackend(KubernetesJobs, Backend):
             "metadata": {"name": configmap_name, "namespace": k8s.namespace, "labels": labels},
             "data": {"recipe.yaml": job.recipe_yaml},
         }
-        gpus = job.nproc_per_node
-        command = [job.cluster.python, "-m", "torch.distributed.run",
-                   # the operator sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR/PORT for torchrun
+        # torchrun takes the node count, rank and master from the operator's PET_* variables
+        command = ["sh", "-c", WAIT_FOR_MASTER, "wait-for-master", job.cluster.python, "-m", "torch.distributed.run",
                    "-m", "trainer", "--config", f"{RECIPE_MOUNT}/recipe.yaml", "--run-dir", job.run_dir]
+        env = [{"name": k, "value": v} for k, v in job.env.items()]
+        pod = self.pod_parts(job, configmap_name)
+        if k8s.api == "trainjob":
+            if k8s.priority_class:
+                raise UserError(f"{self.cluster.source}: kubernetes.priority_class: a TrainJob (Trainer "
+                                f"{k8s.trainer_version}) cannot set it; set it in the ClusterTrainingRuntime "
+                                f"{k8s.runtime!r} or use kubernetes.api: pytorchjob")
+            manifest = trainjob.trainjob(name, k8s.namespace, labels, k8s.runtime, job.nnodes, job.nproc_per_node,
+                                         job.image, command, env, pod)
+            problems = trainjob.webhook_problems(manifest)
+        else:
+            manifest = self.pytorchjob(job, name, labels, command, env, pod)
+            problems = webhook_problems(manifest)
+        if problems:  # a bug in this module, not in the user's input
+            raise AssertionError("; ".join(problems))
+        return configmap, manifest
+
+    def pod_parts(self, job: Job, configmap_name: str) -> dict:
+        """What every pod of the job needs beside the container's command: volumes and their
+        mounts (recipe, /dev/shm in memory, the run volume) and placement."""
+        k8s = self.cluster.kubernetes
         volumes = [
             {"name": "recipe", "configMap": {"name": configmap_name}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{k8s.shm_size_gib}Gi"}},
@@ -229,22 +302,31 @@ class KubernetesBackend(KubernetesJobs, Backend):
         if k8s.run_volume_claim:
             volumes.append({"name": "runs", "persistentVolumeClaim": {"claimName": k8s.run_volume_claim}})
             mounts.append({"name": "runs", "mountPath": job.run_dir.rsplit("/", 1)[0]})
+        pod = {"volumes": volumes, "mounts": mounts}
+        if k8s.node_selector:
+            pod["nodeSelector"] = dict(k8s.node_selector)
+        if k8s.tolerations:
+            pod["tolerations"] = [{k: v for k, v in vars(t).items() if v is not None} for t in k8s.tolerations]
+        if k8s.service_account:
+            pod["serviceAccountName"] = k8s.service_account
+        return pod
+
+    def pytorchjob(self, job: Job, name: str, labels: dict, command: list[str], env: list[dict], pod: dict) -> dict:
+        k8s = self.cluster.kubernetes
+        gpus = job.nproc_per_node
         container = {
             "name": "pytorch",
             "image": job.image,
             "imagePullPolicy": "IfNotPresent",
             "command": command,
-            "env": [{"name": k, "value": v} for k, v in job.env.items()],
+            "env": env,
             "resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}},
-            "volumeMounts": mounts,
+            "volumeMounts": pod["mounts"],
         }
-        pod_spec = {"containers": [container], "volumes": volumes}
-        if k8s.node_selector:
-            pod_spec["nodeSelector"] = dict(k8s.node_selector)
-        if k8s.tolerations:
-            pod_spec["tolerations"] = [{k: v for k, v in vars(t).items() if v is not None} for t in k8s.tolerations]
-        if k8s.service_account:
-            pod_spec["serviceAccountName"] = k8s.service_account
+        pod_spec = {"containers": [container], "volumes": pod["volumes"]}
+        for key in ("nodeSelector", "tolerations", "serviceAccountName"):
+            if key in pod:
+                pod_spec[key] = pod[key]
         if k8s.priority_class:
             pod_spec["priorityClassName"] = k8s.priority_class
 
@@ -255,7 +337,7 @@ class KubernetesBackend(KubernetesJobs, Backend):
         replicas = {"Master": replica(1)}
         if job.nnodes > 1:
             replicas["Worker"] = replica(job.nnodes - 1)
-        pytorchjob = {
+        return {
             "apiVersion": "kubeflow.org/v1",
             "kind": "PyTorchJob",
             "metadata": {"name": name, "namespace": k8s.namespace, "labels": labels},
@@ -266,20 +348,20 @@ class KubernetesBackend(KubernetesJobs, Backend):
                 "pytorchReplicaSpecs": replicas,
             },
         }
-        problems = webhook_problems(pytorchjob)
-        if problems:  # a bug in this module, not in the user's input
-            raise AssertionError("; ".join(problems))
-        return configmap, pytorchjob
 
     def render(self, job: Job) -> dict[str, str]:
         if self.cluster.on_cpu:
             raise UserError(f"{self.cluster.source}: gpus_per_node: Kubernetes jobs need GPUs")
-        configmap, pytorchjob = self.manifests(job)
-        return {"configmap.yaml": _dump(configmap), "pytorchjob.yaml": _dump(pytorchjob)}
+        configmap, manifest = self.manifests(job)
+        return {"configmap.yaml": _dump(configmap), f"{manifest['kind'].lower()}.yaml": _dump(manifest)}
 
 
 class _Dumper(yaml.SafeDumper):
-    """Writes multi-line strings (the recipe in the ConfigMap) as readable literal blocks."""
+    """Writes multi-line strings (the recipe in the ConfigMap) as readable literal blocks, and
+    a value used twice (the labels) twice, not as a YAML alias."""
+
+    def ignore_aliases(self, data):
+        return True
 
 
 _Dumper.add_representer(str, lambda d, s: d.represent_scalar(

@@ -52,6 +52,7 @@ megatron:
   param_offload: false
   grad_offload: false
   optimizer_offload: false
+  grad_reduce_in_fp32: true
   dist_checkpointing_path: null
 optim:
   lr: 0.003
