@@ -210,9 +210,7 @@ def finish(backend, record, status, as_json: bool) -> int:
         print(f"job {record.job_id} {status.state} (exit code {status.exit_code})")
         if ok:
             checkpoints = _checkpoint_dir(record)
-            summary = _loss_summary(Path(record.run_dir) / "metrics.jsonl")
-            if summary:
-                print(summary)
+            print(_loss_summary(Path(record.run_dir) / "metrics.jsonl", record.job_id))
             print(f"metrics: {Path(record.run_dir) / 'metrics.jsonl'}")
             if checkpoints:
                 print(f"checkpoint: {checkpoints}")
@@ -227,17 +225,21 @@ def finish(backend, record, status, as_json: bool) -> int:
     return EXIT_OK if ok else EXIT_JOB_FAILED
 
 
-def _loss_summary(path: Path) -> str | None:
-    """'loss 6.27 -> 1.23 over 60 steps; validation loss 2.53 -> 1.28' from metrics.jsonl."""
+def _loss_summary(path: Path, job_id: str) -> str:
+    """'loss 6.27 -> 1.23 over 60 steps; validation loss 2.53 -> 1.28' from this job's records
+    of metrics.jsonl (the run directory keeps earlier submissions' records too)."""
     try:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, json.JSONDecodeError):
-        return None
+        records = []
+    records = [r for r in records if r.get("job_id") == job_id]
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
     if not train:
-        return None
-    text = f"loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f} over {train[-1]['step']} steps"
+        return "this job trained no steps (see its log)"
+    steps = f"{len(train)} steps" if train[0]["step"] == 1 else \
+        f"{len(train)} steps ({train[0]['step']} to {train[-1]['step']})"
+    text = f"loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f} over {steps}"
     if val:
         text += f"; validation loss {val[0]['val_loss']:.3f} -> {val[-1]['val_loss']:.3f}"
     return text

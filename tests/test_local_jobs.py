@@ -38,6 +38,25 @@ def test_submit_wait_trains_and_reports(home):
     assert "done: 20 steps" in out
     rc, out, _ = run_launcher("list", env=env)
     assert result["job_id"] in out
+    assert {m["job_id"] for m in metrics} == {result["job_id"]}
+
+
+def test_submitting_again_trains_only_what_is_left_and_reports_only_itself(home):
+    """Every submission of a recipe shares its run directory: a finished run trains nothing
+    and appends nothing; a longer one resumes; each summary speaks of its own steps only."""
+    tmp_path, profile, env = home
+    run_dir = tmp_path / "runs" / "tiny_moe"
+    submit = ("submit", RECIPES / "tiny_moe.yaml", "--cluster", profile, "--wait", "data.val_files=[]")
+    rc, out, err = run_launcher(*submit, "trainer.total_training_steps=4", env=env, timeout=300)
+    assert rc == 0 and "over 4 steps" in out, err
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    rc, out, err = run_launcher(*submit, "trainer.total_training_steps=4", env=env, timeout=300)
+    assert rc == 0 and "COMPLETED" in out and "this job trained no steps" in out and "loss" not in out
+    assert (run_dir / "metrics.jsonl").read_text().splitlines() == lines
+    job_id = out.split()[2]
+    assert "run already complete: its checkpoint is at step 4 of 4" in run_launcher("logs", job_id, env=env)[1]
+    rc, out, err = run_launcher(*submit, "trainer.total_training_steps=6", env=env, timeout=300)
+    assert rc == 0 and "over 2 steps (5 to 6)" in out, out + err
 
 
 def test_failed_job_exits_1_with_log_tail(home, tmp_path):

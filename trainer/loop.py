@@ -338,6 +338,12 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
             print(f"initial weights from {recipe.megatron.dist_checkpointing_path}", flush=True)
 
     total = recipe.trainer.total_training_steps
+    if step >= total:  # submitted again after it finished: train nothing, write nothing
+        if rank0:
+            print(f"run already complete: its checkpoint is at step {step} of {total}; nothing to train "
+                  "(raise trainer.total_training_steps to train on, or use another job.name to start over)",
+                  flush=True)
+        return 0
     log = MetricsLog(run_dir, rank0, total, recipe.trainer.tensorboard)
     # layer_<i> for i >= num_layers are the multi-token-prediction layers
     counter = RoutingCounter(run.model, model_dims.num_layers + (run.config.mtp_num_layers or 0),

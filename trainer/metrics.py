@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,8 @@ class MetricsLog:
     def log(self, record: dict, console: bool = True) -> None:
         if not self.enabled:
             return
+        # which job and attempt wrote it: a run directory holds every submission of its recipe
+        record = {**record, "job_id": os.environ.get("MOE_JOB_ID"), "restart": int(os.environ.get("MOE_RESTART") or 0)}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer:

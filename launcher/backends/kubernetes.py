@@ -273,6 +273,7 @@ class KubernetesBackend(KubernetesJobs, Backend):
         command = ["sh", "-c", WAIT_FOR_MASTER, "wait-for-master", job.cluster.python, "-m", "torch.distributed.run",
                    "-m", "trainer", "--config", f"{RECIPE_MOUNT}/recipe.yaml", "--run-dir", job.run_dir]
         env = [{"name": k, "value": v} for k, v in job.env.items()]
+        env.append({"name": "MOE_JOB_ID", "value": f"k8s/{k8s.namespace}/{name}"})  # in every metrics record
         pod = self.pod_parts(job, configmap_name)
         if k8s.api == "trainjob":
             if k8s.priority_class:

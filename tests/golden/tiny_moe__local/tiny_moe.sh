@@ -87,6 +87,8 @@ MOE_LAUNCHER_RECIPE_END
 
 export PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS=1
+# Every metrics record names the job it came from (the launcher's id: this script's pid).
+export MOE_JOB_ID="local-$$"
 
 rm -f "$RUN_DIR/exit_code"
 status=0
