@@ -170,8 +170,12 @@ def cmd_submit(args) -> int:
         sys.stdout.write(_stdout_text(files))
         return EXIT_OK
     from launcher.backends import backend_for
+    from launcher.resume import refusal
     from launcher.store import JobStore
 
+    refused = refusal(Path(job.recipe.trainer.default_local_dir).expanduser(), job.recipe.to_dict())
+    if refused:  # checked again by the trainer where this machine cannot see the run directory
+        raise UserError(f"{job.recipe_source}: {refused}")
     backend = backend_for(job.cluster)
     store = JobStore()
     record = backend.submit(job, files)  # raises UserError, recording nothing, when it fails

@@ -57,6 +57,12 @@ def test_submitting_again_trains_only_what_is_left_and_reports_only_itself(home)
     assert "run already complete: its checkpoint is at step 4 of 4" in run_launcher("logs", job_id, env=env)[1]
     rc, out, err = run_launcher(*submit, "trainer.total_training_steps=6", env=env, timeout=300)
     assert rc == 0 and "over 2 steps (5 to 6)" in out, out + err
+    jobs = run_launcher("list", env=env)[1]
+    # another learning rate is another run: refused before anything is queued, naming the key
+    rc, out, err = run_launcher(*submit, "trainer.total_training_steps=8", "optim.lr=0.5", env=env, timeout=60)
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "step_000006 was trained with another recipe: optim.lr: 0.003 -> 0.5" in err and "job.name" in err
+    assert run_launcher("list", env=env)[1] == jobs
 
 
 def test_failed_job_exits_1_with_log_tail(home, tmp_path):

@@ -201,3 +201,14 @@ def test_grouped_and_sequential_experts_write_the_same_keys_on_every_pipeline_st
         assert len(set(found["grouped"])) == len(found["grouped"])
     last = json.loads((tmp_path / "keys.1").read_text())["grouped"]
     assert "decoder.layers.1.mlp.experts.experts.3.linear_fc1.weight_w" in last
+
+
+def test_trainer_refuses_to_resume_a_run_with_another_recipe(tmp_path):
+    """Where the launcher cannot see the run directory (Kubernetes), the trainer itself refuses
+    a checkpoint trained with another recipe, in one line, before training a step."""
+    train(tmp_path, "trainer.total_training_steps=1", "megatron.expert_model_parallel_size=1", "data.val_files=[]",
+          nproc=1)
+    code, log, metrics = train(tmp_path, "trainer.total_training_steps=2", "megatron.expert_model_parallel_size=1",
+                               "data.val_files=[]", "data.max_length=256", nproc=1, check=False)
+    assert code != 0 and "error: the run's checkpoint" in log and "data.max_length: 128 -> 256" in log
+    assert [m["step"] for m in metrics if "loss" in m] == [1]

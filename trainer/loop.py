@@ -320,6 +320,8 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
 
     from megatron.core import parallel_state as ps
 
+    from launcher.errors import UserError
+    from launcher.resume import refusal
     from trainer.data.batches import prefetch
 
     run = build(recipe, run_dir)
@@ -328,6 +330,9 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
     step, epoch, taken = 0, 0, 0
     resume = checkpoint.latest(ckpt_root)
     if resume is not None:
+        refused = refusal(ckpt_root, recipe.to_dict())
+        if refused:
+            raise UserError(refused)
         state = checkpoint.load(resume, run.model, run.optimizer, run.scheduler)
         step, epoch, taken = state["step"], state["epoch"], state["rows_taken"]
         if rank0:
@@ -359,7 +364,8 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
 
     def save() -> None:
         offload_grads(run, True)
-        state = {"step": step, "epoch": epoch, "rows_taken": taken, "counts": dict(train_data.counts)}
+        state = {"step": step, "epoch": epoch, "rows_taken": taken, "counts": dict(train_data.counts),
+                 "recipe": recipe.to_dict()}  # what this run is (launcher.resume)
         path = checkpoint.save(ckpt_root, step, run.model, run.optimizer, run.scheduler, state)
         offload_grads(run, False)
         if rank0:

@@ -1,0 +1,59 @@
+"""Runs that never mix: a run directory belongs to one recipe.
+
+Every checkpoint keeps the resolved recipe it was trained with (in trainer_state.json). A
+later submission into the same run directory resumes from it only if its recipe differs in
+what may change between attempts: step counts and frequencies, paths, and the parallel layout
+and memory options (checkpoints reshard to any layout). Anything else (the model, the data's
+shape, the optimizer, the seed) would silently train a different run on top of this one.
+Pure functions and a JSON read: the launcher runs this before queueing, the trainer again
+when it resumes (on Kubernetes the launcher cannot see the run directory).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MAY_CHANGE = (
+    "trainer.total_training_steps", "trainer.total_epochs", "trainer.save_freq", "trainer.test_freq",
+    "trainer.log_every", "trainer.tensorboard", "trainer.default_local_dir", "trainer.nnodes",
+    "trainer.n_gpus_per_node", "model.path", "model.tokenizer_path", "data.train_files", "data.val_files",
+    "data.micro_batch_size", "megatron.", "job.",
+)
+
+
+def recipe_changes(started: dict, now: dict, prefix: str = "") -> list[str]:
+    """'key: old -> new' for every value that differs and may not change between attempts."""
+    changes = []
+    for key in sorted(set(started) | set(now)):
+        name = f"{prefix}{key}"
+        old, new = started.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += recipe_changes(old, new, f"{name}.")
+        elif old != new and not any(name == k or (k.endswith(".") and name.startswith(k)) for k in MAY_CHANGE):
+            changes.append(f"{name}: {json.dumps(old)} -> {json.dumps(new)}")
+    return changes
+
+
+def started_recipe(checkpoints: Path) -> tuple[Path, dict] | None:
+    """The latest checkpoint under `checkpoints` and the recipe it was trained with, if any."""
+    try:
+        step = checkpoints / (checkpoints / "latest").read_text().strip()
+        state = json.loads((step / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (step, state["recipe"]) if isinstance(state.get("recipe"), dict) else None
+
+
+def refusal(checkpoints: Path, now: dict) -> str | None:
+    """One line saying why this recipe may not resume the run in `checkpoints`, or None."""
+    found = started_recipe(checkpoints)
+    if found is None:
+        return None
+    step, started = found
+    changes = recipe_changes(started, now)
+    if not changes:
+        return None
+    return (f"the run's checkpoint {step} was trained with another recipe: {'; '.join(changes[:5])}"
+            f"{f' (and {len(changes) - 5} more)' if len(changes) > 5 else ''}; submit with those values, "
+            "or set another job.name to start a new run")
