@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+from trainer.model import fused
 
 
 class SDPAttention(MegatronModule):
@@ -75,7 +76,6 @@ class SDPAttention(MegatronModule):
         b, n, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
 
-
     def _attend_samples(self, query, key, value, cu_seqlens):
         """Flash attention over variable-length samples: [s, b, heads, dim] -> [s, b, heads x dim]."""
         s, b, heads, dim = query.shape
@@ -112,7 +112,7 @@ def _varlen_attn():
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         varlen_attn = None
-    if varlen_attn is not None and "attention" not in os.environ.get("MOE_PLAIN_KERNELS", "").split(","):
+    if varlen_attn is not None and fused.enabled("attention"):
         params = inspect.signature(varlen_attn).parameters
 
         def fn(q, k, v, cu_seqlens, max_len, scale):
