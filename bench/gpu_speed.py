@@ -2,12 +2,15 @@
 
     python3 bench/gpu_speed.py NAME [--models qwen3_moe_8l,qwen3_30b_a3b_slice] [--hf-mb 1,2,4]
         [--ours-mb 1,2,4] [--ablate attention,norm,grad_accum,adam,permute] [--extra plain,bf16_grads,long]
+        [--te-mb 4,8]
 
 Runs the bf16 matmul ceiling (an 8192^3 product), checks each fused kernel against the plain
 code it replaces (asserts), then for each model `transformers` and the trainer at each
 micro-batch size, the trainer with each fused piece turned off (ablation), and the extras:
 `plain` (every piece off: the trainer as it was), `bf16_grads` (megatron.grad_reduce_in_fp32
-false), `long` (one 4096-token sample per row: the same attention work as `transformers`).
+false), `long` (one 4096-token sample per row: the same attention work as `transformers`). `ours` is
+the TE-free path (MOE_TRANSFORMER_ENGINE=0); `--te-mb` adds `ours_te`, the transformer-engine
+path that the job image runs (and `ours_te_long`).
 Writes bench/results/NAME.json (and $OUT/NAME.json when $OUT is set) and prints a table.
 The FLOP formula is bench/README.md's.
 """
@@ -60,6 +63,16 @@ def matmul_ceiling() -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def python_path(te: bool) -> str:
+    """PYTHONPATH for a trainer process: transformer-engine's site (MOE_TE_SITE, where the GPU
+    machines install it apart from the rest) only on the TE path. megatron-core takes TE's
+    optimizer and multi-tensor kernels whenever TE imports, so the TE-free rows run without it
+    on the path, as they do on a machine without it."""
+    site = os.environ.get("MOE_TE_SITE")
+    parts = [p for p in [str(REPO), *os.environ.get("PYTHONPATH", "").split(":")] if p and p != site]
+    return ":".join(([site] if te and site else []) + parts)
 
 
 def relative_error(out, ref) -> float:
@@ -207,9 +220,9 @@ def run_hf(model_dir: Path, mb: int) -> dict:
 
 
 def run_ours(name: str, model_dir: Path, mb: int, overrides: list[str], plain: str = "", profile: Path | None = None,
-             work: Path = Path("/tmp/bench-speed"), gpus: int = 1) -> dict:
-    """The trainer under torchrun; stopped by SIGKILL once its last step is logged (a benchmark
-    keeps no checkpoint)."""
+             work: Path = Path("/tmp/bench-speed"), gpus: int = 1, te: bool = False) -> dict:
+    """The trainer under torchrun, TE-free unless `te`; stopped by SIGKILL once its last step
+    is logged (a benchmark keeps no checkpoint)."""
     run_dir = work / f"{name}-mb{mb}"
     subprocess.run(["rm", "-rf", str(run_dir)])
     run_dir.mkdir(parents=True)
@@ -220,7 +233,8 @@ def run_ours(name: str, model_dir: Path, mb: int, overrides: list[str], plain: s
                  f"trainer.total_training_steps={STEPS}", f"trainer.default_local_dir={run_dir / 'checkpoints'}",
                  "trainer.save_freq=-1", "trainer.test_freq=-1", *overrides]
     (run_dir / "recipe.yaml").write_text(load_recipe(RECIPE, overrides).to_yaml())
-    env = {**os.environ, "MOE_PLAIN_KERNELS": plain, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "MOE_PLAIN_KERNELS": plain, "PYTHONUNBUFFERED": "1", "MOE_TRANSFORMER_ENGINE": "1" if te else "0",
+           "PYTHONPATH": python_path(te)}
     env.pop("MOE_TORCH_PROFILE", None)
     if profile:  # with the Python stacks of whatever makes the host wait
         env.update(MOE_TORCH_PROFILE=str(profile), MOE_TORCH_PROFILE_STACKS="1")
@@ -240,7 +254,8 @@ def run_ours(name: str, model_dir: Path, mb: int, overrides: list[str], plain: s
                 break
     stop_and_free_gpu(proc, run_dir / "recipe.yaml")
     log.close()
-    row = {"name": name, "gpus": gpus, "micro_batch_size": mb, "plain_kernels": plain, "overrides": overrides[7:]}
+    row = {"name": name, "gpus": gpus, "micro_batch_size": mb, "plain_kernels": plain, "overrides": overrides[7:],
+           "transformer_engine": te}
     if len(steps) < STEPS:
         lines = (run_dir / "log.txt").read_text().strip().splitlines()
         errors = [line for line in lines if "Error" in line or "error:" in line] or lines[-3:]
@@ -283,6 +298,8 @@ def main() -> None:
     parser.add_argument("--gpus", default="", help="also run the best `ours` on these GPU counts, EP = GPUs, "
                         "8 rows per GPU a step (tokens/s per GPU)")
     parser.add_argument("--profile", action="store_true", help="profile the best `ours` run's last two steps")
+    parser.add_argument("--te-mb", default="", help="the trainer with transformer-engine at these micro-batch "
+                        "sizes (rows ours_te), and its long-sample row at the best")
     args = parser.parse_args()
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     words = lambda text: [x for x in text.split(",") if x]  # noqa: E731
@@ -343,6 +360,12 @@ def main() -> None:
             add(run_ours("ours_long", model_dir, best_mb, long_overrides), "long")
         for gpus in ints(args.gpus):
             add(run_ours(f"ours_ep{gpus}", model_dir, best_mb, [], gpus=gpus), "packed")
+        for mb in ints(args.te_mb):
+            add(run_ours("ours_te", model_dir, mb, [], te=True), "packed")
+        done_te = [r for r in rows if r["name"] == "ours_te" and "tokens_per_s" in r]
+        if done_te and "long" in words(args.extra):
+            te_mb = max(done_te, key=lambda r: r["tokens_per_s"])["micro_batch_size"]
+            add(run_ours("ours_te_long", model_dir, te_mb, long_overrides, te=True), "long")
         check_first_step(rows, entry)
         if args.profile:
             profile = out_dir / f"{args.name}.{model}.profile.json"
@@ -378,9 +401,12 @@ def summary(model: str, rows: list[dict]) -> None:
             continue
         print(f"{r['name']:<28}{r['micro_batch_size']:>4}{r['tokens_per_s']:>12,.0f}{r.get('tflops_per_gpu', 0):>10}"
               f"{r.get('mfu', 0):>8.1%}{r['peak_mem_gib']:>10}{r.get('planner_mem_gib', ''):>9}")
-    ours, hf = best("ours"), best("hf")
+    ours, hf, te = best("ours"), best("hf"), best("ours_te")
     if ours and hf:
         print(f"best ours / best hf: {ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x")
+    if te and hf and ours:
+        print(f"best ours_te / best hf: {te['tokens_per_s'] / hf['tokens_per_s']:.2f}x; "
+              f"ours_te / ours: {te['tokens_per_s'] / ours['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -120,7 +120,40 @@ def test_sample_boundaries_describe_the_same_attention_as_the_dense_mask(tmp_pat
     assert len(rows) >= 3 and any(len(set(r.sample.tolist())) > 2 for r in rows)
     full = Row(np.arange(48), np.arange(48), np.ones(48, np.float32), np.zeros(48, np.int32))
     rows = rows[:3] + [full, full]
-    dense = collate(rows, "cpu", boundaries=False)["attention_mask"]
-    cu = collate(rows, "cpu", boundaries=True)["attention_mask"]
+    dense = collate(rows, "cpu", "mask")["attention_mask"]
+    cu = collate(rows, "cpu", "boundaries")["attention_mask"]
     assert cu.dtype == torch.int32 and int(cu[-1]) == 48 * len(rows) and 48 * 4 in cu.tolist()
     assert torch.equal(boundaries_to_mask(cu, len(rows), 48), dense)
+
+
+def test_packed_sequences_for_transformer_engine(tmp_path, tokenizer):
+    """transformer-engine's THD micro-batch: the rows laid end to end as one sequence, with the
+    sample boundaries flash attention gets; under context parallelism (samples aligned to
+    2 x CP) every sample's span is a multiple of the alignment and holds all of its tokens,
+    and packing keeps every sample."""
+    import numpy as np
+
+    from trainer.data.batches import collate, sample_boundaries, thd_boundaries
+
+    rows_data = [{"prompt": "Say " + "a b " * k, "response": "c " * (k + 1)} for k in range(9)]
+    path, cfg = data(tmp_path, rows_data, "data.max_length=64", "data.shuffle=false")
+    plain = list(SFTData([str(path)], cfg, tokenizer, 0).rows(0))
+    batch = collate(plain[:2], "cpu", "thd")
+    params = batch["packed_seq_params"]
+    assert batch["tokens"].shape == (1, 128) and batch["attention_mask"] is None
+    assert batch["tokens"][0, 64:].tolist() == plain[1].tokens.tolist()
+    assert params.qkv_format == "thd" and params.cu_seqlens_q_padded is None
+    assert params.cu_seqlens_q.tolist() == sample_boundaries([r.sample for r in plain[:2]]).tolist()
+
+    aligned = list(SFTData([str(path)], cfg, tokenizer, 0, align=4).rows(0))
+    lengths = lambda rows: sorted(int((r.sample == k).sum()) for r in rows for k in set(r.sample.tolist()) - {-1})  # noqa: E731
+    assert lengths(aligned) == lengths(plain)  # every sample, whole
+    for row in aligned:
+        starts = np.flatnonzero(np.diff(row.sample, prepend=-2) != 0)
+        assert all(s % 4 == 0 for s in starts if row.sample[s] >= 0)
+    real, padded = thd_boundaries([r.sample for r in aligned[:2]], 4)
+    assert padded[-1] == 128 and all(np.diff(padded) % 4 == 0)
+    spans, sizes = np.diff(padded), np.diff(real)
+    assert all(sizes <= spans) and sizes.sum() == 128 - (spans - sizes).sum()
+    params = collate(aligned[:2], "cpu", "thd", align=4)["packed_seq_params"]
+    assert params.cu_seqlens_q_padded.tolist() == padded.tolist()

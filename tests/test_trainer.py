@@ -201,6 +201,10 @@ def test_grouped_and_sequential_experts_write_the_same_keys_on_every_pipeline_st
         assert len(set(found["grouped"])) == len(found["grouped"])
     last = json.loads((tmp_path / "keys.1").read_text())["grouped"]
     assert "decoder.layers.1.mlp.experts.experts.3.linear_fc1.weight_w" in last
+    # the norms under transformer-engine's names (its layer fuses the input norm into the QKV
+    # projection; an MoE layer keeps its pre-MLP norm), so TE and TE-free runs share checkpoints
+    assert {"decoder.layers.1.self_attention.linear_qkv.layer_norm_weight",
+            "decoder.layers.1.pre_mlp_layernorm.weight"} <= set(last)
 
 
 def test_trainer_refuses_to_resume_a_run_with_another_recipe(tmp_path):

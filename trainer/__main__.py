@@ -33,11 +33,12 @@ def main(argv=None) -> int:
         read_model_args(recipe.model.path)  # refuse config.json fields the trainer would ignore
         model_dims = read_model(recipe.model.path)
         tokenizer = load_tokenizer(recipe.model.tokenizer_path)
-        train_data = SFTData(recipe.data.train_files, recipe.data, tokenizer, recipe.trainer.seed)
+        align = loop.packing_align(recipe)
+        train_data = SFTData(recipe.data.train_files, recipe.data, tokenizer, recipe.trainer.seed, align)
         val_rows = []
         if recipe.data.val_files:
             val_config = dataclasses.replace(recipe.data, shuffle=False)  # the same rows every pass
-            val_rows = list(SFTData(recipe.data.val_files, val_config, tokenizer, recipe.trainer.seed).rows(0))
+            val_rows = list(SFTData(recipe.data.val_files, val_config, tokenizer, recipe.trainer.seed, align).rows(0))
         if recipe.trainer.total_training_steps is None:
             rows = train_data.count_rows()
             recipe.trainer.total_training_steps = max(

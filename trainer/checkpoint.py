@@ -45,9 +45,28 @@ MODEL_FORMAT = {"non_homogeneous_layers": True, "singleton_local_shards": True}
 
 
 def _model_state(model_chunks) -> dict:
+    """The model's sharded state, without transformer-engine's per-layer extra state (FP8
+    scaling history, unused here), so TE and TE-free runs read each other's checkpoints."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    def weights(chunk):
+        state = _unwrap(chunk).sharded_state_dict(metadata=MODEL_FORMAT)
+        return {k: v for k, v in state.items() if not (isinstance(v, ShardedObject) and "_extra_state" in k)}
+
     if len(model_chunks) == 1:
-        return {"model": _unwrap(model_chunks[0]).sharded_state_dict(metadata=MODEL_FORMAT)}
-    return {f"model{i}": _unwrap(chunk).sharded_state_dict(metadata=MODEL_FORMAT) for i, chunk in enumerate(model_chunks)}
+        return {"model": weights(model_chunks[0])}
+    return {f"model{i}": weights(chunk) for i, chunk in enumerate(model_chunks)}
+
+
+def _load_model(loaded: dict, model_chunks, path: Path) -> None:
+    """Weights into the chunks; a checkpoint's common state (the optimizer's, when it has one)
+    comes back from dist_checkpointing beside them, under its own keys."""
+    names = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+    for name, chunk in zip(names, model_chunks):
+        missing, unexpected = _unwrap(chunk).load_state_dict(loaded[name], strict=False)
+        missing = [k for k in missing if "_extra_state" not in k]
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def save(root: Path, step: int, model_chunks, optimizer, scheduler, trainer_state: dict) -> Path:
@@ -84,11 +103,12 @@ def _materialise_adam_state(optimizer) -> None:
     """Give a fresh torch Adam its state tensors and step before loading into it.
 
     megatron-core 0.16 without apex or transformer-engine reads the step count out of the
-    torch optimizer's state, which is empty until the first step.
+    torch optimizer's state, which is empty until the first step. transformer-engine's
+    FusedAdam keeps its step elsewhere and has megatron-core fill its state on load.
     """
     for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
         adam = getattr(chained, "optimizer", None)
-        if adam is None:
+        if not isinstance(adam, (torch.optim.Adam, torch.optim.AdamW)):
             continue
         for group in adam.param_groups:
             for param in group["params"]:
@@ -142,21 +162,11 @@ def _optimizer_parts(state) -> list[dict]:
 
 def load_weights(path: Path, model_chunks) -> None:
     """Initial weights: a checkpoint written by `launcher convert`, or the model part of any
-    trainer checkpoint. transformer-engine's per-layer extra state (FP8 scaling history) is
-    not part of the weights, so it is neither asked for nor required."""
+    trainer checkpoint."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     state = _model_state(model_chunks)
-    for part in state.values():
-        for key in [k for k, v in part.items() if isinstance(v, ShardedObject) and k.endswith("._extra_state")]:
-            del part[key]
-    loaded = dist_checkpointing.load(state, str(path))
-    for name, chunk in zip(state, model_chunks):
-        missing, unexpected = _unwrap(chunk).load_state_dict(loaded[name], strict=False)
-        missing = [k for k in missing if not k.endswith("._extra_state")]
-        if missing or unexpected:
-            raise ValueError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    _load_model(dist_checkpointing.load(state, str(path)), model_chunks, path)
 
 
 def load(path: Path, model_chunks, optimizer, scheduler) -> dict:
@@ -170,8 +180,7 @@ def load(path: Path, model_chunks, optimizer, scheduler) -> dict:
     requested = [{k: v for k, v in part.items() if not isinstance(k, int)}
                  for part in _optimizer_parts(state["optimizer"])]
     loaded = dist_checkpointing.load(state, str(path))
-    for i, chunk in enumerate(model_chunks):
-        _unwrap(chunk).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
+    _load_model(loaded, model_chunks, path)
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     scheduler.load_state_dict(trainer_state["scheduler"])
     # Per-parameter states reshard; the small non-tensor part (param groups, step) is kept
@@ -183,6 +192,12 @@ def load(path: Path, model_chunks, optimizer, scheduler) -> dict:
             del theirs[key]  # another layout's per-optimizer entries
         for key, value in mine.items():
             theirs.setdefault(key, value)
+        own_groups = mine.get("optimizer", {}).get("param_groups", [])
+        for group, own in zip(theirs["optimizer"]["param_groups"], own_groups):
+            # another optimizer's groups (torch's Adam, transformer-engine's FusedAdam) lack
+            # this one's settings, such as FusedAdam's bias_correction: keep its own
+            for key, value in own.items():
+                group.setdefault(key, value)
         for group in theirs["optimizer"]["param_groups"]:
             group["step"] = trainer_state["step"]  # one optimizer step per trainer step
     _keep_step_when_copying_states()

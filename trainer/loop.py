@@ -37,15 +37,30 @@ class Run:
     dtype: torch.dtype
 
     def batch(self, rows) -> dict:
-        """One micro-batch on the device. Attention gets sample boundaries (flash attention
-        over variable-length samples) except under context parallelism, whose ranks slice
-        a dense mask, and transformer-engine, whose attention takes the mask."""
+        """One micro-batch on the device (trainer.data.batches.collate)."""
         from trainer.data.batches import collate
-        from trainer.model.build import have_transformer_engine
 
-        boundaries = (self.recipe.megatron.context_parallel_size == 1 and not have_transformer_engine()
-                      and (fused.enabled("attention") or not devices.on_gpu()))
-        return collate(rows, devices.device(), boundaries)
+        return collate(rows, devices.device(), attention_form(self.recipe), packing_align(self.recipe))
+
+
+def attention_form(recipe) -> str:
+    """How attention learns where packed samples start: transformer-engine takes them as
+    packed sequences (THD); the TE-free path as sample boundaries for flash attention, except
+    under context parallelism, whose ranks slice a dense mask."""
+    from trainer.model.build import have_transformer_engine
+
+    if have_transformer_engine():
+        return "thd"
+    if recipe.megatron.context_parallel_size == 1 and (fused.enabled("attention") or not devices.on_gpu()):
+        return "boundaries"
+    return "mask"
+
+
+def packing_align(recipe) -> int:
+    """transformer-engine's context-parallel attention splits every packed sample into 2 x CP
+    equal chunks, so samples start at multiples of that."""
+    cp = recipe.megatron.context_parallel_size
+    return 2 * cp if cp > 1 and attention_form(recipe) == "thd" else 1
 
 
 def setup(recipe) -> None:
@@ -143,22 +158,49 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     megatron-core (calculate_per_token_loss) adds the counts over micro-batches and
     data-parallel ranks and divides the gradients by the total: the loss is the mean over
     every response token of the global batch, whatever the length of each response.
+    Tokens outside the mask are selected out, not multiplied by zero: padding that packed
+    attention leaves unwritten must not turn the sum into NaN.
     """
     mask = loss_mask.reshape(-1).float()
-    total = torch.sum(output_tensor.reshape(-1).float() * mask)
+    total = torch.sum(torch.where(mask > 0, output_tensor.reshape(-1).float(), 0.0))
     count = mask.sum().to(torch.int)
     return total, count, {"lm loss": torch.stack([total.detach(), mask.sum().detach()])}
 
 
 def forward_step(data_iterator, model):
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from megatron.core.utils import get_model_config
 
-    # With context parallelism each rank keeps its two sequence chunks (and their mask rows).
-    batch = get_batch_on_this_cp_rank(dict(next(data_iterator)))
+    from trainer.model import thd
+
+    batch = on_this_cp_rank(dict(next(data_iterator)))
+    if "rows" in batch:  # rows laid end to end (transformer-engine's packed sequences)
+        thd.mark_rows(get_model_config(model), *batch.pop("rows"))
     # The loss mask also reaches megatron-core's multi-token-prediction loss, when there is one.
     output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
-                   loss_mask=batch["loss_mask"])
+                   loss_mask=batch["loss_mask"], packed_seq_params=batch.get("packed_seq_params"))
     return output, partial(loss_func, batch["loss_mask"])
+
+
+def on_this_cp_rank(batch: dict) -> dict:
+    """With context parallelism each rank keeps its part of the sequence: two chunks of each
+    row (and their mask rows), or under packed sequences two chunks of each sample
+    (transformer-engine's partitioning)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    params = batch.pop("packed_seq_params", None)
+    if params is None:
+        return get_batch_on_this_cp_rank(batch)
+    cp = ps.get_context_parallel_world_size()
+    if cp > 1:
+        import transformer_engine_torch as tex
+
+        spans = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        index = tex.thd_get_partitioned_indices(spans, batch["tokens"].shape[1], cp, ps.get_context_parallel_rank())
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            batch[key] = batch[key].index_select(1, index)
+    batch["packed_seq_params"] = params
+    return batch
 
 
 def run_batches(run: Run, micro_batches: list[dict], forward_only: bool) -> tuple[float, float]:
@@ -167,14 +209,15 @@ def run_batches(run: Run, micro_batches: list[dict], forward_only: bool) -> tupl
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    length = run.recipe.data.max_length
+    length, rows = run.recipe.data.max_length, run.recipe.data.micro_batch_size
+    if "packed_seq_params" in micro_batches[0]:  # rows laid end to end: one sequence (pipeline shapes)
+        length, rows = length * rows, 1
     iterators = iter(micro_batches)
     if len(run.model) > 1:
         iterators = [iter(micro_batches) for _ in run.model]
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iterators, model=run.model,
-        num_microbatches=len(micro_batches), seq_length=length,
-        micro_batch_size=run.recipe.data.micro_batch_size, forward_only=forward_only)
+        num_microbatches=len(micro_batches), seq_length=length, micro_batch_size=rows, forward_only=forward_only)
     totals = torch.zeros(2, dtype=torch.float64, device=devices.device())
     # Each CP rank holds a different part of the sequence: all of them count (TP ranks repeat it).
     counts_here = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0

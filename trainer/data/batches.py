@@ -35,8 +35,11 @@ class Row:
 
 
 class SFTData:
-    def __init__(self, files: list[str], data, tokenizer, seed: int):
+    def __init__(self, files: list[str], data, tokenizer, seed: int, align: int = 1):
         self.data = data
+        # Packed samples start at multiples of `align`: transformer-engine's context-parallel
+        # attention over packed samples splits each sample into 2 x CP equal chunks.
+        self.align = align
         self.tokenizer = tokenizer
         self.seed = seed
         self.columns = ([data.multiturn.messages_key] if data.multiturn.enable
@@ -74,11 +77,11 @@ class SFTData:
         packed: list[tuple[list[int], list[int]]] = []
         used = 0
         for ids, mask in self.samples(epoch):
-            if packed and (not self.data.pack_sequences or used + len(ids) > limit):
+            if packed and (not self.data.pack_sequences or _round_up(used, self.align) + len(ids) > limit):
                 yield self.make_row(packed)
                 packed, used = [], 0
             packed.append((ids, mask))
-            used += len(ids)
+            used = _round_up(used, self.align) + len(ids)
         if packed:
             yield self.make_row(packed)
 
@@ -90,7 +93,7 @@ class SFTData:
         sample = np.full(limit, -1, dtype=np.int32)
         at = 0
         for k, (ids, mask) in enumerate(samples):
-            n = len(ids)
+            n, at = len(ids), _round_up(at, self.align)
             tokens[at:at + n] = ids
             labels[at:at + n - 1] = ids[1:]
             loss_mask[at:at + n - 1] = mask[1:]
@@ -111,20 +114,34 @@ class SFTData:
             epoch, taken = epoch + 1, 0
 
 
-def collate(rows: list[Row], device, boundaries: bool = True) -> dict[str, torch.Tensor]:
-    """A micro-batch for GPTModel: tokens, positions, labels, loss mask and what keeps attention
-    inside each sample.
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
-    With `boundaries` that is the samples' cumulative lengths over the micro-batch's tokens,
-    row after row (int32, [samples + 1]; trainer.model.attention); otherwise the dense
-    [b, 1, L, L] mask, built on the device (context parallelism slices its rows per rank).
+
+ATTENTION_FORMS = ("boundaries", "mask", "thd")
+
+
+def collate(rows: list[Row], device, form: str = "boundaries", align: int = 1) -> dict:
+    """A micro-batch for GPTModel: tokens, positions, labels, loss mask and what keeps attention
+    inside each sample, in one of three forms:
+
+    - boundaries: the samples' cumulative lengths over the micro-batch's tokens, row after
+      row (int32, [samples + 1]), as the attention mask (trainer.model.attention);
+    - mask: the dense [b, 1, L, L] mask, built on the device (the TE-free path's context
+      parallelism slices its rows per rank);
+    - thd: transformer-engine's packed-sequence format. The rows are laid end to end as one
+      sequence [1, b x L] and `packed_seq_params` carries the boundaries, so its fused
+      attention runs over variable-length samples (megatron-core's PackedSeqParams); `align`
+      is the packing's (SFTData), which context parallelism needs.
     """
     def stacked(name):
         return torch.from_numpy(np.stack([getattr(r, name) for r in rows])).to(device, non_blocking=True)
 
     tokens, labels, loss_mask = (stacked(n) for n in ("tokens", "labels", "loss_mask"))
     length = tokens.shape[1]
-    if boundaries:
+    if form == "thd":
+        return _thd(tokens, labels, loss_mask, thd_boundaries([r.sample for r in rows], align), device)
+    if form == "boundaries":
         cu_seqlens = sample_boundaries([r.sample for r in rows])
         attention_mask = torch.from_numpy(cu_seqlens).to(device, non_blocking=True)
         attention_mask.max_seqlen = int(np.diff(cu_seqlens).max())  # sizes flash attention's grid
@@ -138,6 +155,43 @@ def collate(rows: list[Row], device, boundaries: bool = True) -> dict[str, torch
     position_ids = torch.arange(length, device=tokens.device).expand_as(tokens)
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
             "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+def _thd(tokens, labels, loss_mask, boundaries, device) -> dict:
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    real, padded = boundaries
+    on_device = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
+    longest = int(np.diff(padded).max())
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=on_device(real), cu_seqlens_kv=on_device(real),
+                             max_seqlen_q=longest, max_seqlen_kv=longest)
+    if not np.array_equal(real, padded):  # samples padded for context parallelism
+        params.cu_seqlens_q_padded = params.cu_seqlens_kv_padded = on_device(padded)
+    flat = lambda t: t.reshape(1, -1)  # noqa: E731
+    # megatron-core restarts rotary positions at each sample from cu_seqlens; these go unused
+    positions = torch.arange(tokens.numel(), device=tokens.device)[None]
+    return {"tokens": flat(tokens), "labels": flat(labels), "loss_mask": flat(loss_mask), "attention_mask": None,
+            "position_ids": positions, "packed_seq_params": params, "rows": tuple(tokens.shape)}
+
+
+def thd_boundaries(samples: list[np.ndarray], align: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(cu_seqlens, cu_seqlens_padded) of rows laid end to end, transformer-engine's packed
+    format: the samples' own lengths, and the spans they occupy. A sample's span takes in the
+    padding up to the next multiple of `align` (where SFTData started the next sample); a run
+    of padding beyond that is a sample of its own. With `align` 1 the two are equal."""
+    real, padded = [0], [0]
+    for i, sample in enumerate(samples):
+        length = len(sample)
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(sample)) + 1]).tolist()
+        for start, end in zip(starts, starts[1:] + [length]):
+            aligned = start
+            if start > 0 and sample[start] < 0:  # padding after a sample: the aligning part is the sample's
+                aligned = min(end, _round_up(start, align))
+                padded[-1] = i * length + aligned
+            if aligned < end:
+                real.append(real[-1] + end - aligned)
+                padded.append(i * length + end)
+    return np.asarray(real, dtype=np.int32), np.asarray(padded, dtype=np.int32)
 
 
 def sample_boundaries(samples: list[np.ndarray]) -> np.ndarray:

@@ -1,12 +1,15 @@
 """Build this rank's part of a megatron-core GPTModel from a recipe and its config.json.
 
-Layer specs: transformer-engine's when it imports; otherwise megatron-core's local spec
-with torch SDPA as the core attention (trainer.model.attention).
+Layer specs: transformer-engine's when it imports on a GPU (MOE_TRANSFORMER_ENGINE=0 turns it
+off); otherwise megatron-core's local spec with torch's attention kernels as the core
+attention (trainer.model.attention). Both write the same checkpoint keys: the TE-free layers
+file their norms under the names of the transformer-engine layers that fuse them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -16,6 +19,8 @@ from trainer.model.hf_config import ModelArgs, model_args
 
 
 def have_transformer_engine() -> bool:
+    if os.environ.get("MOE_TRANSFORMER_ENGINE", "1") == "0":
+        return False
     try:
         import transformer_engine  # noqa: F401
         return torch.cuda.is_available()
@@ -60,11 +65,19 @@ def transformer_config(args: ModelArgs, recipe, dtype: torch.dtype):
         moe_token_dispatcher_type=moe.token_dispatcher,
         moe_z_loss_coeff=moe.z_loss_coeff,
         moe_expert_capacity_factor=moe.capacity_factor,
-        # On a GPU without transformer-engine: megatron-core's GroupedMLP over torch._grouped_mm
-        # (trainer.model.experts); on the CPU, SequentialMLP (GroupedMLP needs bf16).
+        # On a GPU: megatron-core's GroupedMLP over torch._grouped_mm (trainer.model.experts),
+        # with or without transformer-engine, and the trainer's sync-free token permutation
+        # (trainer.model.dispatch). transformer-engine's grouped experts (one GEMM per expert
+        # on side streams, tokens per expert read on the host) and fused permutation ran the
+        # 128-expert benchmark slice at half the speed (bench/README.md). On the CPU,
+        # SequentialMLP (GroupedMLP needs bf16).
         moe_grouped_gemm=torch.cuda.is_available() and dtype == torch.bfloat16,
-        moe_use_legacy_grouped_gemm=not have_transformer_engine(),
+        moe_use_legacy_grouped_gemm=True,
     )
+    if have_transformer_engine():  # megatron-core's fusions that run through transformer-engine
+        fields.update(apply_rope_fusion=fused.enabled("rope"), bias_activation_fusion=fused.enabled("swiglu"),
+                      cross_entropy_loss_fusion=fused.enabled("cross_entropy"), cross_entropy_fusion_impl="te",
+                      moe_router_fusion=fused.enabled("router"))
     if moe.aux_loss_coeff is not None:
         fields["moe_aux_loss_coeff"] = moe.aux_loss_coeff
     if moe.capacity_factor is not None:
@@ -86,10 +99,14 @@ def layer_spec(config, vp_stage=None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     use_te = have_transformer_engine()
-    if config.moe_grouped_gemm and not use_te:
+    if config.moe_grouped_gemm:
         from trainer.model import experts
 
         experts.install()
+    if use_te:
+        from trainer.model import thd
+
+        thd.install()
     fused.install()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
                                       vp_stage=vp_stage)
@@ -101,11 +118,13 @@ def layer_spec(config, vp_stage=None):
 
         norm = ModuleSpec(module=RMSNorm)
         spec.layer_norm = norm
-        _use_te_free_layers(spec.layer_specs, norm, SDPAttention)
+        _use_te_free_layers(spec.layer_specs, norm, SDPAttention, config.multi_latent_attention)
     return spec
 
 
-def _use_te_free_layers(layer_specs, norm, attention_cls) -> None:
+def _use_te_free_layers(layer_specs, norm, attention_cls, mla: bool) -> None:
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
     for layer in layer_specs:
         sub = layer.submodules
         sub.input_layernorm = sub.pre_mlp_layernorm = norm
@@ -114,6 +133,24 @@ def _use_te_free_layers(layer_specs, norm, attention_cls) -> None:
         for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):
             if getattr(attention, name, None) not in (None,) and _is_norm(getattr(attention, name)):
                 setattr(attention, name, norm)
+        sub.sharded_state_dict_keys_map = te_names(mla, moe=getattr(sub.mlp, "module", None) is MoELayer)
+
+
+def te_names(mla: bool, moe: bool) -> dict[str, str]:
+    """Checkpoint names of a TE-free layer's norms: where transformer-engine's layer spec fuses
+    a norm into the linear layer after it (megatron-core 0.16's get_gpt_layer_with_transformer_engine_spec),
+    the norm is filed as that layer's `layer_norm_weight`. The input norm goes into the fused
+    QKV projection (MLA keeps its own); MLA's query and key/value norms into their up-projections;
+    the pre-MLP norm into a dense MLP's first layer (an MoE layer keeps its own)."""
+    names = {}
+    if mla:
+        names["self_attention.q_layernorm."] = "self_attention.linear_q_up_proj.layer_norm_"
+        names["self_attention.kv_layernorm."] = "self_attention.linear_kv_up_proj.layer_norm_"
+    else:
+        names["input_layernorm."] = "self_attention.linear_qkv.layer_norm_"
+    if not moe:
+        names["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    return names
 
 
 def mtp_spec(config, decoder_spec, vp_stage=None):

@@ -20,6 +20,11 @@ there (the CPU runs the plain code the tests check against):
   host (a synchronisation per tensor: 76 a step on the 8-layer benchmark model, found by the
   profile's host waits) and scales gradients one by one. On the CPU too.
 
+With transformer-engine (trainer.model.build) its own layers, attention, optimizer and gradient
+norm replace most of the above (the experts and token permutation stay the trainer's), and
+megatron-core's fusions through it are turned on: rope, swiglu (bias_activation_fusion),
+cross_entropy and router.
+
 MOE_PLAIN_KERNELS=norm,adam,... turns pieces off, for the benchmark's before/after rows.
 
 Measured and dropped (bench/README.md): torch.compile of megatron-core's rotary embedding and
@@ -34,7 +39,8 @@ import types
 
 import torch
 
-KERNELS = ("attention", "norm", "grad_accum", "adam", "permute", "grad_norm")
+KERNELS = ("attention", "norm", "grad_accum", "adam", "permute", "grad_norm",
+           "rope", "swiglu", "cross_entropy", "router")
 ON_CPU_TOO = ("permute", "grad_norm")
 
 

@@ -1,5 +1,5 @@
 """DeepSeek-V3: multi-latent attention (compressed query and key/value projections with their
-own norms), first_k_dense_replace dense layers, then MoE layers with a router, its
+own norms, filed under the up-projections that transformer-engine fuses them into), first_k_dense_replace dense layers, then MoE layers with a router, its
 aux-loss-free bias (e_score_correction_bias), routed and shared experts.
 
 The multi-token-prediction layer is stored as one more layer after the last
@@ -16,13 +16,15 @@ def _layer(c: dict, m: str, h: str, moe: bool) -> list[Rule]:
     a, s = f"{m}.self_attention", f"{h}.self_attn"
     rules = [copy(f"{m}.input_layernorm.weight", f"{h}.input_layernorm.weight"),
              copy(f"{a}.linear_kv_down_proj.weight", f"{s}.kv_a_proj_with_mqa.weight"),
-             copy(f"{a}.kv_layernorm.weight", f"{s}.kv_a_layernorm.weight"),
+             copy(f"{a}.linear_kv_up_proj.layer_norm_weight", f"{s}.kv_a_layernorm.weight"),
              copy(f"{a}.linear_kv_up_proj.weight", f"{s}.kv_b_proj.weight"),
              copy(f"{a}.linear_proj.weight", f"{s}.o_proj.weight"),
-             copy(f"{m}.pre_mlp_layernorm.weight", f"{h}.post_attention_layernorm.weight")]
+             # transformer-engine's dense MLP holds the norm before it; an MoE layer keeps its own
+             copy(f"{m}.pre_mlp_layernorm.weight" if moe else f"{m}.mlp.linear_fc1.layer_norm_weight",
+                  f"{h}.post_attention_layernorm.weight")]
     if c.get("q_lora_rank"):
         rules += [copy(f"{a}.linear_q_down_proj.weight", f"{s}.q_a_proj.weight"),
-                  copy(f"{a}.q_layernorm.weight", f"{s}.q_a_layernorm.weight"),
+                  copy(f"{a}.linear_q_up_proj.layer_norm_weight", f"{s}.q_a_layernorm.weight"),
                   copy(f"{a}.linear_q_up_proj.weight", f"{s}.q_b_proj.weight")]
     else:
         rules.append(copy(f"{a}.linear_q_proj.weight", f"{s}.q_proj.weight"))

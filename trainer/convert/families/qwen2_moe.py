@@ -16,10 +16,11 @@ def qwen_rules(c: dict, bias: bool, qk_norm: bool) -> list:
     for i in range(c["num_hidden_layers"]):
         m, h = f"decoder.layers.{i}", f"model.layers.{i}"
         out += gqa_attention(m, h, c, bias=bias, qk_norm=qk_norm)
-        out.append(copy(f"{m}.mlp.linear_fc1.layer_norm_weight", f"{h}.post_attention_layernorm.weight"))
-        if i in dense:
+        if i in dense:  # transformer-engine's dense MLP holds the norm before it
+            out.append(copy(f"{m}.mlp.linear_fc1.layer_norm_weight", f"{h}.post_attention_layernorm.weight"))
             out += glu(f"{m}.mlp", f"{h}.mlp")
             continue
+        out.append(copy(f"{m}.pre_mlp_layernorm.weight", f"{h}.post_attention_layernorm.weight"))
         out.append(copy(f"{m}.mlp.router.weight", f"{h}.mlp.gate.weight"))
         out += routed_experts(m, f"{h}.mlp.experts", num_experts(c))
         if c.get("shared_expert_intermediate_size"):
