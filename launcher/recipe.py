@@ -13,7 +13,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import yaml
 
@@ -70,6 +70,8 @@ class DataSection:
     pack_sequences: bool = True
     skip_bad_rows: bool = False
     shuffle: bool = True
+    # Options of the chat template passed to every rendering, for example enable_thinking: false.
+    apply_chat_template_kwargs: Any = field(default_factory=dict)
 
 
 @dataclass
@@ -226,6 +228,10 @@ def _check(recipe: Recipe, path: Path, lines) -> None:
         bad("job.time_limit", f"'{recipe.job.time_limit}' is not a Slurm time; write HH:MM:SS or D-HH:MM:SS")
     if len(recipe.optim.betas) != 2:
         bad("optim.betas", f"{recipe.optim.betas} needs two numbers, for example [0.9, 0.95]")
+    kwargs = recipe.data.apply_chat_template_kwargs
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        bad("data.apply_chat_template_kwargs", f"{kwargs!r} is not a mapping of option names to values; "
+            "write for example {enable_thinking: false}")
     for name in recipe.job.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             bad(f"job.env.{name}", "is not a valid environment variable name")

@@ -97,3 +97,11 @@ def test_param_offload_is_refused_before_the_job_queues():
     found = problems(lambda: load_recipe(RECIPES / "tiny_moe.yaml", ["megatron.param_offload=true"]))
     assert len(found) == 1 and "megatron.param_offload: true is not supported" in found[0]
     assert "optimizer_offload" in found[0] and "grad_offload" in found[0]
+
+
+def test_chat_template_options_are_a_mapping(tmp_path):
+    path = write(tmp_path, "model:\n  path: m\ndata:\n  apply_chat_template_kwargs:\n    enable_thinking: false\n")
+    assert load_recipe(path).data.apply_chat_template_kwargs == {"enable_thinking": False}
+    path = write(tmp_path, "model:\n  path: m\ndata:\n  apply_chat_template_kwargs: [enable_thinking]\n")
+    (p,) = problems(lambda: load_recipe(path))
+    assert "r.yaml:4: data.apply_chat_template_kwargs: ['enable_thinking'] is not a mapping" in p

@@ -52,7 +52,8 @@ class SFTData:
         for file, number, row in shuffled_rows(self.groups, self.columns, self.seed, epoch, self.data.shuffle):
             where = f"{file}: row {number}"
             try:
-                ids, mask = tokenize_conversation(self.tokenizer, to_messages(row, file, number, self.data), where)
+                ids, mask = tokenize_conversation(self.tokenizer, to_messages(row, file, number, self.data), where,
+                                                  self.data.apply_chat_template_kwargs)
                 yield self.fit(ids, mask, where)
             except BadRow:
                 if not self.data.skip_bad_rows:

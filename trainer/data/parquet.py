@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = ("role", "content", "reasoning_content", "tool_calls", "name", "tool_call_id")
 
 
 class BadRow(ValueError):
@@ -95,12 +96,16 @@ def to_messages(row: dict, file: str, number: int, data) -> list[dict]:
             raise BadRow(f"{where}: '{data.response_key}' must be a string, found {type(response).__name__}")
         messages.append({"role": "assistant", "content": response})
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise BadRow(f"{where}: message {i} needs a string 'content'")
+        if not isinstance(message, dict):
+            raise BadRow(f"{where}: message {i} is not a mapping with 'role' and 'content'")
         if message.get("role") not in ROLES:
             raise BadRow(f"{where}: message {i} has unknown role {message.get('role')!r} "
                          f"(expected one of {', '.join(ROLES)})")
+        calls = message.get("tool_calls")
+        if not isinstance(message.get("content"), str) and not (message["role"] == "assistant" and calls):
+            raise BadRow(f"{where}: message {i} needs a string 'content'")
     assistant = [m for m in messages if m["role"] == "assistant"]
-    if not assistant or not any(m["content"].strip() for m in assistant):
+    if not assistant or not any((m.get("content") or "").strip() or m.get("tool_calls") for m in assistant):
         raise BadRow(f"{where}: no assistant response to learn from (empty response)")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    # what chat templates read; a parquet struct column gives every key, None where a row has none
+    return [{k: v for k, v in m.items() if k in MESSAGE_KEYS and v is not None} for m in messages]

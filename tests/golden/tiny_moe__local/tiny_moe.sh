@@ -38,6 +38,7 @@ data:
   pack_sequences: true
   skip_bad_rows: false
   shuffle: true
+  apply_chat_template_kwargs: {}
 megatron:
   tensor_model_parallel_size: 1
   pipeline_model_parallel_size: 1

@@ -1,0 +1,118 @@
+"""Loss masks under chat templates that are not prefix-stable: a published Qwen3 template
+(tests/templates/SOURCES.md), whose thinking block appears only on assistant turns after the
+last user message, and a small template written here that renders every turn differently
+depending on how many turns follow it. Exactly the assistant turns' text is learned."""
+
+import pytest
+
+from launcher.recipe import load_recipe
+from tests.conftest import REPO
+from tests.trainer_helpers import TINY
+
+pytest.importorskip("transformers")
+
+from trainer.data.chat import assistant_spans, load_tokenizer, tokenize_conversation  # noqa: E402
+from trainer.data.parquet import BadRow  # noqa: E402
+
+QWEN3 = (REPO / "tests" / "templates" / "qwen3_thinking.jinja").read_text()
+
+
+@pytest.fixture()
+def tokenizer():
+    return load_tokenizer(load_recipe(TINY).model.tokenizer_path)
+
+
+def learned(tokenizer, template, messages, **kwargs):
+    tokenizer.chat_template = template
+    text, spans = assistant_spans(tokenizer, messages, "test", kwargs)
+    return [text[a:b] for a, b in spans]
+
+
+def test_qwen3_multi_turn_learns_each_assistant_turn_as_the_whole_conversation_renders_it(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Sort: b a"}, {"role": "assistant", "content": "a b"},
+                {"role": "user", "content": "Again: d c"},
+                {"role": "assistant", "content": "c d", "reasoning_content": "Two letters."}]
+    # turn 2 precedes the last user message: no thinking block; the last turn continues the
+    # generation prompt, which ends in "<think>\n": the reasoning onwards is learned
+    assert learned(tokenizer, QWEN3, messages) == [
+        "a b<|im_end|>\n", "Two letters.\n</think>\n\nc d<|im_end|>\n"]
+
+
+def test_qwen3_tool_calls_are_learned_and_tool_replies_are_not(tokenizer):
+    call = {"type": "function", "function": {"name": "sort", "arguments": {"items": ["b", "a"]}}}
+    messages = [{"role": "user", "content": "Sort b a"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "content": "[\"a\", \"b\"]"},
+                {"role": "assistant", "content": "a b"}]
+    turns = learned(tokenizer, QWEN3, messages)
+    # the call is not the last turn and has no reasoning: no thinking block (the generation
+    # prompt, which opens one, is not how the conversation renders it)
+    assert turns[0] == '<tool_call>\n{"name": "sort", "arguments": {"items": ["b", "a"]}}\n</tool_call><|im_end|>\n'
+    assert turns[1] == "\n</think>\n\na b<|im_end|>\n"
+    assert all('["a", "b"]' not in t for t in turns)  # the tool's reply
+
+
+def test_template_options_reach_every_rendering(tokenizer):
+    template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% if not thinking %}[no-think]{% endif %}{% endif %}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "[no-think]yo"}]
+    assert learned(tokenizer, template, messages, thinking=True) == ["[no-think]yo</assistant>"]
+    # with the option the prompt already holds "[no-think]": it is not learned
+    assert learned(tokenizer, template, messages, thinking=False) == ["yo</assistant>"]
+
+
+def test_a_template_that_renders_turns_by_their_distance_from_the_end(tokenizer):
+    """Nothing of the conversation cut before a turn renders as the whole does."""
+    template = ("{% for m in messages %}[{{ m.role }} {{ messages|length - loop.index0 }}]{{ m.content }}"
+                "{% if m.role == 'assistant' %}<end>{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}[assistant 0]{% endif %}")
+    messages = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "uno"},
+                {"role": "user", "content": "two"}, {"role": "assistant", "content": "dos"}]
+    assert learned(tokenizer, template, messages) == ["uno<end>", "dos<end>"]
+
+
+def test_tokens_of_the_learned_text_get_loss(tokenizer):
+    tokenizer.chat_template = QWEN3
+    messages = [{"role": "user", "content": "Sort: b a"}, {"role": "assistant", "content": "a b"},
+                {"role": "user", "content": "Again"}, {"role": "assistant", "content": "c d"}]
+    ids, mask = tokenize_conversation(tokenizer, messages, "test")
+    text = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    assert "a b<|im_end|>" in text and "c d<|im_end|>" in text
+    assert "Sort" not in text and "Again" not in text and "assistant" not in text
+
+
+def test_a_turn_whose_span_cannot_be_found_names_the_row_and_turn(tokenizer):
+    tokenizer.chat_template = ("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}"
+                               "{% endfor %}")  # drops the assistant's turns
+    with pytest.raises(BadRow, match=r"^data.parquet: row 3: turn 1: .*assistant"):
+        tokenize_conversation(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+                              "data.parquet: row 3")
+
+
+def test_training_on_multi_turn_rows_under_the_qwen3_template(tmp_path):
+    """Every two-turn row once failed ("does not render turn 1 as a prefix"); now all train."""
+    import json
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.conftest import RECIPES
+    from tests.trainer_helpers import losses, train
+
+    model = tmp_path / "model"
+    shutil.copytree(RECIPES / "models" / "tiny_moe", model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = QWEN3
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    rows = [[{"role": "user", "content": f"Count: {w}"}, {"role": "assistant", "content": "1 words"},
+             {"role": "user", "content": f"Again: {w} {w}"}, {"role": "assistant", "content": "2 words"}]
+            for w in ("apple", "river", "stone", "cloud") * 4]
+    pq.write_table(pa.table({"messages": rows}), tmp_path / "chat.parquet")
+    _, log, metrics = train(tmp_path / "run", f"model.path={model}", f"data.train_files={tmp_path / 'chat.parquet'}",
+                            "data.val_files=[]", "data.multiturn.enable=true", "data.skip_bad_rows=false",
+                            "trainer.total_training_steps=2", "megatron.expert_model_parallel_size=1",
+                            "data.global_batch_size=4", "data.micro_batch_size=2", "data.max_length=512", nproc=1)
+    assert len(losses(metrics)) == 2 and "bad_rows_skipped" not in log
+    assert all(m["response_tokens"] > 0 for m in metrics if "loss" in m)
