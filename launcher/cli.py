@@ -52,6 +52,13 @@ def parser() -> argparse.ArgumentParser:
                    help="Hugging Face <-> megatron-core checkpoints (launcher convert -h)")
     p = sub.add_parser("cancel", help="stop a job")
     p.add_argument("job_id")
+    p = sub.add_parser("data", help="look at the recipe's data as the trainer will see it")
+    data = p.add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("check", help="rows, tokens, learned tokens, bad rows, packing, rendered samples")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--rows", type=int, default=1000, help="how many rows to read, in file order (default 1000)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe keys to override")
     return top
 
 
@@ -316,8 +323,27 @@ def cmd_cancel(args) -> int:
     return EXIT_OK
 
 
+def cmd_data(args) -> int:
+    """`launcher data check`: exit 2 when the job would stop at a bad row."""
+    from launcher import data_check
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        from trainer.data.parquet import DataError
+
+        report = data_check.check(recipe, args.rows)
+    except (DataError, ValueError, OSError) as err:
+        raise UserError(str(err)) from None
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(data_check.text(report, args.recipe, recipe.data.skip_bad_rows, recipe.data.truncation))
+    return EXIT_BAD_INPUT if report.bad and not recipe.data.skip_bad_rows else EXIT_OK
+
+
 COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "render": cmd_render, "submit": cmd_submit,
-            "status": cmd_status, "list": cmd_list, "logs": cmd_logs, "cancel": cmd_cancel}
+            "status": cmd_status, "list": cmd_list, "logs": cmd_logs, "cancel": cmd_cancel, "data": cmd_data}
 
 
 def cmd_convert(rest: list[str]) -> int:

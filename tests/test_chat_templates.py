@@ -91,15 +91,16 @@ def test_a_turn_whose_span_cannot_be_found_names_the_row_and_turn(tokenizer):
 
 
 def test_training_on_multi_turn_rows_under_the_qwen3_template(tmp_path):
-    """Every two-turn row once failed ("does not render turn 1 as a prefix"); now all train."""
+    """Every two-turn row once failed ("does not render turn 1 as a prefix"); now all train, and
+    the trainer learns as many tokens over an epoch as `launcher data check` counts."""
     import json
     import shutil
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tests.conftest import RECIPES
-    from tests.trainer_helpers import losses, train
+    from tests.conftest import RECIPES, run_launcher
+    from tests.trainer_helpers import losses, train, write_recipe
 
     model = tmp_path / "model"
     shutil.copytree(RECIPES / "models" / "tiny_moe", model)
@@ -110,9 +111,15 @@ def test_training_on_multi_turn_rows_under_the_qwen3_template(tmp_path):
              {"role": "user", "content": f"Again: {w} {w}"}, {"role": "assistant", "content": "2 words"}]
             for w in ("apple", "river", "stone", "cloud") * 4]
     pq.write_table(pa.table({"messages": rows}), tmp_path / "chat.parquet")
-    _, log, metrics = train(tmp_path / "run", f"model.path={model}", f"data.train_files={tmp_path / 'chat.parquet'}",
-                            "data.val_files=[]", "data.multiturn.enable=true", "data.skip_bad_rows=false",
-                            "trainer.total_training_steps=2", "megatron.expert_model_parallel_size=1",
-                            "data.global_batch_size=4", "data.micro_batch_size=2", "data.max_length=512", nproc=1)
-    assert len(losses(metrics)) == 2 and "bad_rows_skipped" not in log
-    assert all(m["response_tokens"] > 0 for m in metrics if "loss" in m)
+    overrides = [f"model.path={model}", f"data.train_files={tmp_path / 'chat.parquet'}", "data.val_files=[]",
+                 "data.multiturn.enable=true", "data.skip_bad_rows=false", "megatron.expert_model_parallel_size=1",
+                 "data.global_batch_size=1", "data.micro_batch_size=1", "data.max_length=512", "data.shuffle=false"]
+    code, out, err = run_launcher("data", "check", str(write_recipe(tmp_path / "check", *overrides)), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["usable_rows"] == 16 and report["turns"] == 64 and report["packed_rows"] > 1
+    # one epoch: a step per packed row
+    _, log, metrics = train(tmp_path / "run", *overrides, f"trainer.total_training_steps={report['packed_rows']}",
+                            nproc=1)
+    assert len(losses(metrics)) == report["packed_rows"] and "bad_rows_skipped" not in log
+    assert sum(m["response_tokens"] for m in metrics if "loss" in m) == report["learned_tokens"]

@@ -157,3 +157,28 @@ def test_packed_sequences_for_transformer_engine(tmp_path, tokenizer):
     assert all(sizes <= spans) and sizes.sum() == 128 - (spans - sizes).sum()
     params = collate(aligned[:2], "cpu", "thd", align=4)["packed_seq_params"]
     assert params.cu_seqlens_q_padded.tolist() == padded.tolist()
+
+
+def test_data_check_reads_json_lines_and_names_bad_rows(tmp_path):
+    """`launcher data check` on a JSON Lines file with one bad line and one empty response:
+    the counts, the bad rows by line, exit 2 (the job would stop there), the learned text
+    marked in the samples; with data.skip_bad_rows the same data passes."""
+    import json
+
+    from tests.conftest import run_launcher
+    from tests.trainer_helpers import write_recipe
+
+    lines = [json.dumps({"prompt": f"Count: {w}", "response": "1 words"}) for w in ("apple", "river", "stone")]
+    lines.insert(1, "{not json")
+    lines.append(json.dumps({"prompt": "Count: x", "response": "  "}))
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    recipe = write_recipe(tmp_path / "run", f"data.train_files={tmp_path / 'd.jsonl'}", "data.val_files=[]")
+    code, out, err = run_launcher("data", "check", str(recipe))
+    assert code == 2, err
+    assert "rows        5 read, 3 usable, 2 bad" in out
+    assert f"bad row     {tmp_path / 'd.jsonl'}: row 1: not a JSON object" in out
+    assert f"{tmp_path / 'd.jsonl'}: row 4: no assistant response to learn from" in out
+    assert "«1 words<|eos|>" in out and "the job would stop at the first bad row" in out
+    code, out, _ = run_launcher("data", "check", str(recipe), "data.skip_bad_rows=true", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["usable_rows"] == 3 and report["learned_tokens"] > 0

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from trainer.data.chat import tokenize_conversation
 from trainer.data.parquet import BadRow, row_groups, shuffled_rows, to_messages
@@ -74,17 +73,8 @@ class SFTData:
         return ids, mask
 
     def rows(self, epoch: int) -> Iterator[Row]:
-        limit = self.data.max_length
-        packed: list[tuple[list[int], list[int]]] = []
-        used = 0
-        for ids, mask in self.samples(epoch):
-            if packed and (not self.data.pack_sequences or _round_up(used, self.align) + len(ids) > limit):
-                yield self.make_row(packed)
-                packed, used = [], 0
-            packed.append((ids, mask))
-            used = _round_up(used, self.align) + len(ids)
-        if packed:
-            yield self.make_row(packed)
+        for group in packed_groups(self.samples(epoch), self.data.max_length, self.data.pack_sequences, self.align):
+            yield self.make_row(group)
 
     def make_row(self, samples) -> Row:
         limit = self.data.max_length
@@ -115,6 +105,20 @@ class SFTData:
             epoch, taken = epoch + 1, 0
 
 
+def packed_groups(samples, limit: int, pack: bool = True, align: int = 1):
+    """The (ids, mask) samples that share each row: greedily, in order (one a row without
+    packing), each starting at a multiple of `align`."""
+    group, used = [], 0
+    for ids, mask in samples:
+        if group and (not pack or _round_up(used, align) + len(ids) > limit):
+            yield group
+            group, used = [], 0
+        group.append((ids, mask))
+        used = _round_up(used, align) + len(ids)
+    if group:
+        yield group
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -135,6 +139,8 @@ def collate(rows: list[Row], device, form: str = "boundaries", align: int = 1) -
       attention runs over variable-length samples (megatron-core's PackedSeqParams); `align`
       is the packing's (SFTData), which context parallelism needs.
     """
+    import torch  # here: reading and packing the data needs no torch (launcher data check)
+
     def stacked(name):
         return torch.from_numpy(np.stack([getattr(r, name) for r in rows])).to(device, non_blocking=True)
 
@@ -159,6 +165,7 @@ def collate(rows: list[Row], device, form: str = "boundaries", align: int = 1) -
 
 
 def _thd(tokens, labels, loss_mask, boundaries, device) -> dict:
+    import torch
     from megatron.core.packed_seq_params import PackedSeqParams
 
     real, padded = boundaries

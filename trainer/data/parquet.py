@@ -1,4 +1,6 @@
-"""SFT rows from parquet, one row group at a time, in a shuffled order fixed by seed and epoch.
+"""SFT rows from parquet (or JSON Lines), one row group at a time, in a shuffled order fixed by
+seed and epoch. A JSON Lines file is read in groups of JSONL_GROUP lines, found by their byte
+offsets, so it shuffles and resumes like parquet row groups.
 
 A row becomes a list of chat messages: single-turn rows have a prompt and a response column
 (names from the recipe), multi-turn rows a column of {role, content} messages. A row that
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterator
+
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -26,17 +30,28 @@ class DataError(ValueError):
     """A problem with a whole file (missing, unreadable, a column missing): always fatal."""
 
 
+JSONL_GROUP = 1024
+
+
 @dataclass(frozen=True)
 class RowGroup:
     file: str
     index: int
     num_rows: int
     first_row: int  # row number of its first row in the file
+    offset: int = -1  # JSON Lines: the byte offset of its first line
+
+
+def is_jsonl(path: str) -> bool:
+    return path.endswith((".jsonl", ".json"))
 
 
 def row_groups(files: list[str], columns: list[str]) -> list[RowGroup]:
     groups = []
     for path in files:
+        if is_jsonl(path):
+            groups.extend(_jsonl_groups(path, columns))
+            continue
         try:
             parquet = pq.ParquetFile(path)
             meta = parquet.metadata
@@ -67,8 +82,10 @@ def shuffled_rows(groups: list[RowGroup], columns: list[str], seed: int, epoch: 
         if skip >= group.num_rows:
             skip -= group.num_rows
             continue
-        table = pq.ParquetFile(group.file).read_row_group(group.index, columns=columns)
-        rows = table.to_pylist()
+        if group.offset >= 0:
+            rows = _jsonl_rows(group)
+        else:
+            rows = pq.ParquetFile(group.file).read_row_group(group.index, columns=columns).to_pylist()
         inner = np.random.default_rng([seed, epoch, int(k)]).permutation(len(rows)) if shuffle else range(len(rows))
         for i in inner:
             if skip:
@@ -77,9 +94,57 @@ def shuffled_rows(groups: list[RowGroup], columns: list[str], seed: int, epoch: 
             yield group.file, group.first_row + int(i), rows[int(i)]
 
 
+def _jsonl_groups(path: str, columns: list[str]) -> list[RowGroup]:
+    groups, offset, count, start, first = [], 0, 0, 0, None
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if first is None and line.strip():
+                    first = line
+                if count == JSONL_GROUP:
+                    groups.append(RowGroup(path, len(groups), count, start - count, group_offset))
+                    count = 0
+                if count == 0:
+                    group_offset = offset
+                offset += len(line)
+                count += 1
+                start += 1
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such data file (data.train_files / data.val_files)") from None
+    if count:
+        groups.append(RowGroup(path, len(groups), count, start - count, group_offset))
+    try:
+        keys = set(json.loads(first)) if first is not None else set()
+    except ValueError as err:
+        raise DataError(f"{path}: line 1 is not JSON: {err}") from None
+    for column in columns:
+        if column not in keys:
+            raise DataError(f"{path}: line 1 has no '{column}' (it has {', '.join(sorted(keys))}); "
+                            "set data.prompt_key/response_key or data.multiturn.messages_key")
+    return groups
+
+
+def _jsonl_rows(group: RowGroup) -> list:
+    """The group's lines as rows; a line that is not a JSON object becomes a row that
+    to_messages refuses, with its row number."""
+    rows = []
+    with open(group.file, "rb") as f:
+        f.seek(group.offset)
+        for _ in range(group.num_rows):
+            line = f.readline()
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            rows.append(row if isinstance(row, dict) else {})
+    return rows
+
+
 def to_messages(row: dict, file: str, number: int, data) -> list[dict]:
     """The row as chat messages, or BadRow."""
     where = f"{file}: row {number}"
+    if not row:
+        raise BadRow(f"{where}: not a JSON object (one per line in a JSON Lines file)")
     if data.multiturn.enable:
         messages = row.get(data.multiturn.messages_key)
         if not isinstance(messages, list) or not messages:
