@@ -113,6 +113,11 @@ class TrainerSection:
     save_freq: int = -1  # steps between checkpoints; -1: only at the end
     test_freq: int = -1  # steps between validation passes; -1: only at the end
     default_local_dir: Optional[str] = None  # checkpoints; default: RUN_DIR/checkpoints
+    # Keep the newest N complete checkpoints (older ones go once a newer one is complete); None: all.
+    max_ckpt_to_keep: Optional[int] = None
+    # A checkpoint to resume from instead of `latest`, unless `latest` is newer and sound (after
+    # a damaged checkpoint: the trainer names the one to give here).
+    resume_from_path: Optional[str] = None
     seed: int = 42
     log_every: int = 1
     tensorboard: bool = False
@@ -180,6 +185,7 @@ def _resolve(recipe: Recipe, path: Path) -> None:
     recipe.data.train_files = [absolute(p) for p in recipe.data.train_files]
     recipe.data.val_files = [absolute(p) for p in recipe.data.val_files]
     recipe.trainer.default_local_dir = absolute(recipe.trainer.default_local_dir)
+    recipe.trainer.resume_from_path = absolute(recipe.trainer.resume_from_path)
     recipe.megatron.dist_checkpointing_path = absolute(recipe.megatron.dist_checkpointing_path)
     meg = recipe.megatron
     if meg.expert_tensor_parallel_size is None:
@@ -205,6 +211,7 @@ def _check(recipe: Recipe, path: Path, lines) -> None:
         "data.global_batch_size": recipe.data.global_batch_size,
         "trainer.total_epochs": recipe.trainer.total_epochs,
         "trainer.log_every": recipe.trainer.log_every,
+        "trainer.max_ckpt_to_keep": recipe.trainer.max_ckpt_to_keep,
     }
     for key, name in [("tensor_model_parallel_size", "megatron.tensor_model_parallel_size"),
                       ("pipeline_model_parallel_size", "megatron.pipeline_model_parallel_size"),

@@ -216,3 +216,23 @@ def test_trainer_refuses_to_resume_a_run_with_another_recipe(tmp_path):
                                "data.val_files=[]", "data.max_length=256", nproc=1, check=False)
     assert code != 0 and "error: the run's checkpoint" in log and "data.max_length: 128 -> 256" in log
     assert [m["step"] for m in metrics if "loss" in m] == [1]
+
+
+def test_checkpoint_rotation_and_a_damaged_checkpoint(tmp_path):
+    """trainer.max_ckpt_to_keep keeps the newest complete checkpoints; a truncated shard in
+    `latest` is refused naming the file and the checkpoint before it, which resumes when named."""
+    common = ("megatron.expert_model_parallel_size=1", "data.val_files=[]", "trainer.save_freq=1",
+              "trainer.max_ckpt_to_keep=2")
+    train(tmp_path, "trainer.total_training_steps=4", *common, nproc=1)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000003", "step_000004"]
+    shard = sorted((ckpts / "step_000004").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    code, log, _ = train(tmp_path, "trainer.total_training_steps=5", *common, nproc=1, check=False)
+    # the trainer exits 2 with one line (torchrun then reports its child's failure)
+    assert code != 0 and f"error: checkpoint {ckpts / 'step_000004'} is damaged: {shard}: truncated" in log
+    assert f"trainer.resume_from_path={ckpts / 'step_000003'}" in log
+    code, log, metrics = train(tmp_path, "trainer.total_training_steps=5", *common,
+                               f"trainer.resume_from_path={ckpts / 'step_000003'}", nproc=1)
+    assert f"resumed from {ckpts / 'step_000003'} at step 3" in log
+    assert [m["step"] for m in metrics if "loss" in m][-2:] == [4, 5]  # after steps 1 to 4 of the first run

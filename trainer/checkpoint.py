@@ -5,7 +5,10 @@ Layout under the checkpoint folder (trainer.default_local_dir):
     latest                the name of the newest complete checkpoint, written last
 A checkpoint is written into step_N.tmp and renamed when every rank has finished, so a
 job killed mid-save leaves the previous checkpoint as `latest`. Loading works under any
-TP/PP/EP layout: dist_checkpointing reshards.
+TP/PP/EP layout: dist_checkpointing reshards. With `keep` (trainer.max_ckpt_to_keep) the
+oldest complete checkpoints go once a newer one is complete. Before a resume, `damage`
+checks every file against the checkpoint's own index, so a truncated or missing file is
+named instead of failing deep inside the load.
 """
 
 from __future__ import annotations
@@ -31,6 +34,68 @@ def latest(root: Path) -> Path | None:
         return None
     path = root / pointer.read_text().strip()
     return path if path.is_dir() else None
+
+
+def complete(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (a .tmp folder is an unfinished save)."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint's files, or None: every shard as long as the index
+    (torch_dist's .metadata) says, the common state and trainer state readable."""
+    import pickle
+
+    try:
+        with open(path / ".metadata", "rb") as f:
+            index = pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError) as err:
+        return f"{path / '.metadata'}: unreadable ({err or type(err).__name__})"
+    needed: dict[str, int] = {}
+    for info in index.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.exists():
+            return f"{file}: missing"
+        if file.stat().st_size < size:
+            return f"{file}: truncated ({file.stat().st_size} of {size} bytes)"
+    try:
+        torch.load(path / "common.pt", weights_only=False)
+        json.loads((path / "trainer_state.json").read_text())
+    except Exception as err:  # noqa: BLE001 - any failure to read is damage
+        return f"{path}: common.pt or trainer_state.json unreadable ({type(err).__name__}: {err})"
+    return None
+
+
+def resume_point(root: Path, asked: str | None) -> Path | None:
+    """The checkpoint to resume from: `latest`, or the one asked for (trainer.resume_from_path)
+    unless `latest` is newer and sound. A damaged one is refused (UserError) naming the file
+    and the newest sound checkpoint before it."""
+    from launcher.errors import UserError
+
+    chosen = latest(root)
+    # the one asked for, unless `latest` is newer and sound (a requeued job goes on from there)
+    if asked and (chosen is None or chosen.name <= Path(asked).name or damage(chosen)):
+        chosen = Path(asked)
+        if not chosen.is_dir():
+            raise UserError(f"trainer.resume_from_path: {asked} is not a checkpoint folder")
+    if chosen is None:
+        return None
+    problem = damage(chosen)
+    if problem:
+        earlier = [p for p in complete(chosen.parent) if p.name < chosen.name and damage(p) is None]
+        offer = (f"the newest complete one before it is {earlier[-1]}: resume from it with "
+                 f"trainer.resume_from_path={earlier[-1]}" if earlier else "no complete checkpoint before it")
+        raise UserError(f"checkpoint {chosen} is damaged: {problem}; {offer}")
+    return chosen
+
+
+def rotate(root: Path, keep: int | None) -> None:
+    """Delete all but the newest `keep` complete checkpoints (rank 0, after `latest` moved)."""
+    if keep:
+        for old in complete(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _unwrap(chunk):
@@ -69,7 +134,8 @@ def _load_model(loaded: dict, model_chunks, path: Path) -> None:
             raise ValueError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def save(root: Path, step: int, model_chunks, optimizer, scheduler, trainer_state: dict) -> Path:
+def save(root: Path, step: int, model_chunks, optimizer, scheduler, trainer_state: dict,
+         keep: int | None = None) -> Path:
     from megatron.core import dist_checkpointing
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
@@ -95,6 +161,7 @@ def save(root: Path, step: int, model_chunks, optimizer, scheduler, trainer_stat
         pointer = root / "latest.tmp"
         pointer.write_text(name + "\n")
         os.replace(pointer, root / "latest")  # last: only now is the checkpoint complete
+        rotate(root, keep)
     dist.barrier()
     return final
 

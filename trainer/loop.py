@@ -371,7 +371,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
     ckpt_root = Path(recipe.trainer.default_local_dir)
     rank0 = dist.get_rank() == 0
     step, epoch, taken = 0, 0, 0
-    resume = checkpoint.latest(ckpt_root)
+    resume = checkpoint.resume_point(ckpt_root, recipe.trainer.resume_from_path)
     if resume is not None:
         refused = refusal(ckpt_root, recipe.to_dict())
         if refused:
@@ -409,7 +409,8 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         offload_grads(run, True)
         state = {"step": step, "epoch": epoch, "rows_taken": taken, "counts": dict(train_data.counts),
                  "recipe": recipe.to_dict()}  # what this run is (launcher.resume)
-        path = checkpoint.save(ckpt_root, step, run.model, run.optimizer, run.scheduler, state)
+        path = checkpoint.save(ckpt_root, step, run.model, run.optimizer, run.scheduler, state,
+                               keep=recipe.trainer.max_ckpt_to_keep)
         offload_grads(run, False)
         if rank0:
             print(f"checkpoint {path}", flush=True)

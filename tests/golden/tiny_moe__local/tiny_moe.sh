@@ -73,6 +73,8 @@ trainer:
   save_freq: 30
   test_freq: 20
   default_local_dir: @HOME@/moe-runs/tiny_moe/checkpoints
+  max_ckpt_to_keep: null
+  resume_from_path: null
   seed: 42
   log_every: 5
   tensorboard: false
