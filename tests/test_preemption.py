@@ -1,0 +1,77 @@
+"""Preemption: the trainer killed with SIGKILL during its checkpoint saves, again and again,
+never leaves `latest` naming a checkpoint that is incomplete or damaged, and the run that
+finishes after all the kills has the per-step losses of a run never killed."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+from tests.trainer_helpers import losses, train, write_recipe
+
+pytest.importorskip("megatron.core")
+
+KILLS, STEPS = 20, 30
+COMMON = ("megatron.expert_model_parallel_size=1", "data.val_files=[]", "trainer.save_freq=1",
+          f"trainer.total_training_steps={STEPS}", "trainer.n_gpus_per_node=1")
+
+
+def start(run_dir, config):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                             "-m", "trainer", "--config", str(config)], cwd=run_dir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_during_a_save(proc, checkpoints, saves_first: int, delay: float) -> bool:
+    """Let `saves_first` saves finish, then SIGKILL the trainer `delay` seconds after the next
+    one starts (its step_N.tmp appears); False if the run finished first."""
+    seen, saving = 0, False
+    while proc.poll() is None:
+        now = any(p.name.endswith(".tmp") for p in checkpoints.glob("step_*"))
+        if now and not saving:
+            if seen == saves_first:
+                time.sleep(delay)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return True
+            seen += 1
+        saving = now
+        time.sleep(0.001)
+    return False
+
+
+def test_sigkill_during_saves_never_breaks_latest_and_losses_match(tmp_path):
+    from trainer.checkpoint import damage, latest
+
+    _, _, clean = train(tmp_path / "clean", *COMMON, nproc=1)
+    run_dir = tmp_path / "killed"
+    config = write_recipe(run_dir, *COMMON)
+    checkpoints = run_dir / "checkpoints"
+    rng = random.Random(0)
+    kills, reached, mid_save = 0, [], 0
+    while kills < KILLS:
+        proc = start(run_dir, config)
+        if not kill_during_a_save(proc, checkpoints, rng.randrange(2), rng.uniform(0.0, 0.1)):
+            break  # the run finished before another kill
+        kills += 1
+        mid_save += any(p.name.endswith(".tmp") for p in checkpoints.glob("step_*"))  # left half-written
+        pointed = latest(checkpoints)
+        if (checkpoints / "latest").exists():
+            assert pointed is not None and not pointed.name.endswith(".tmp")
+            assert damage(pointed) is None, f"kill {kills}: latest {pointed} is damaged: {damage(pointed)}"
+            reached.append(pointed.name)
+    # kills spread over many saves, most of them inside one
+    assert kills == KILLS and len(set(reached)) > 5 and mid_save >= KILLS // 2, (reached, mid_save)
+    proc = start(run_dir, config)
+    assert proc.wait(timeout=300) == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = {r["step"]: r["loss"] for r in records if "loss" in r}  # a step trained again: its last record
+    assert sorted(last) == list(range(1, STEPS + 1))
+    assert [last[s] for s in sorted(last)] == pytest.approx(losses(clean), rel=1e-6)
