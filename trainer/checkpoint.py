@@ -148,13 +148,19 @@ def save(root: Path, step: int, model_chunks, optimizer, scheduler, trainer_stat
     dist.barrier()
     state = _model_state(model_chunks)
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_FORMAT)
-    dist_checkpointing.save(state, str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save({"cpu": torch.get_rng_state(), "cuda_tracker": get_cuda_rng_tracker().get_states()},
-               tmp / "rng" / f"rank{rank:05d}.pt")
-    if rank == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "scheduler": scheduler.state_dict()}))
-    dist.barrier()
+    problem = None
+    try:
+        dist_checkpointing.save(state, str(tmp))
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save({"cpu": torch.get_rng_state(), "cuda_tracker": get_cuda_rng_tracker().get_states()},
+                   tmp / "rng" / f"rank{rank:05d}.pt")
+        if rank == 0:
+            (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "scheduler": scheduler.state_dict()}))
+    except BaseException as err:  # torch's CheckpointException is a BaseException
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        problem = _first_cause(err)  # a full disk, a file too large, a lost mount
+    _all_ranks_agree_or_stop(problem, root, final, tmp)
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -164,6 +170,38 @@ def save(root: Path, step: int, model_chunks, optimizer, scheduler, trainer_stat
         rotate(root, keep)
     dist.barrier()
     return final
+
+
+def _first_cause(err: BaseException) -> str:
+    """The failure under a failed save, in one line: the OS error where there is one, else the
+    last line of what torch's checkpoint writer reports (it wraps its workers' errors)."""
+    chain, cause = [], err
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for cause in chain:
+        if isinstance(cause, OSError):
+            return str(cause)
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _all_ranks_agree_or_stop(problem: str | None, root: Path, final: Path, tmp: Path) -> None:
+    """Every rank stops when any could not write its part: the half-written folder goes and
+    `latest` keeps naming the previous checkpoint."""
+    from launcher.errors import UserError
+    from trainer import devices
+
+    failed = torch.tensor([1.0 if problem else 0.0], device=devices.device())
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if not failed.item():
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    previous = latest(root)
+    free = shutil.disk_usage(root).free / 2**30
+    raise UserError(f"could not write checkpoint {final}: {problem or 'another rank could not write its part'} "
+                    f"({free:.1f} GiB free there); `latest` still names {previous if previous else 'no checkpoint'}")
 
 
 def _materialise_adam_state(optimizer) -> None:
