@@ -120,6 +120,9 @@ class TrainerSection:
     resume_from_path: Optional[str] = None
     seed: int = 42
     log_every: int = 1
+    # How long a rank waits in a collective before the job fails (a hung or dead rank): well
+    # under any time limit, above the slowest checkpoint save.
+    collective_timeout_s: int = 600
     tensorboard: bool = False
 
 
@@ -212,6 +215,7 @@ def _check(recipe: Recipe, path: Path, lines) -> None:
         "trainer.total_epochs": recipe.trainer.total_epochs,
         "trainer.log_every": recipe.trainer.log_every,
         "trainer.max_ckpt_to_keep": recipe.trainer.max_ckpt_to_keep,
+        "trainer.collective_timeout_s": recipe.trainer.collective_timeout_s,
     }
     for key, name in [("tensor_model_parallel_size", "megatron.tensor_model_parallel_size"),
                       ("pipeline_model_parallel_size", "megatron.pipeline_model_parallel_size"),

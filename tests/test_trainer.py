@@ -269,3 +269,61 @@ def test_a_save_that_cannot_be_written_stops_the_job_and_keeps_the_previous_chec
     assert errors[0].endswith(f"`latest` still names {ckpts / 'step_000002'}")
     assert latest(ckpts) == ckpts / "step_000002" and damage(ckpts / "step_000002") is None
     assert not list(ckpts.glob("*.tmp"))
+
+
+def test_a_hung_rank_fails_the_job_within_the_collective_timeout(tmp_path):
+    """One of two ranks stops (SIGSTOP) in the middle of training: the other waits out
+    trainer.collective_timeout_s in a collective and the job ends with one line naming the step
+    and the waiting rank, instead of hanging until the time limit."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+    from tests.trainer_helpers import write_recipe
+
+    config = write_recipe(tmp_path, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=200",
+                          "trainer.collective_timeout_s=15", "data.val_files=[]", "trainer.save_freq=-1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "trainer", "--config", str(config)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            time.sleep(0.2)
+        rank1 = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _environ(pid).get("RANK") == "1"
+                 and str(config) in _cmdline(pid)]
+        assert len(rank1) == 1
+        os.kill(rank1[0], signal.SIGSTOP)
+        stopped = time.time()
+        out, _ = proc.communicate(timeout=120)
+        waited = time.time() - stopped
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and waited < 15 + 45, waited
+    assert len(errors) == 1 and "rank 0 waited 15 s in a collective: another rank hung or died" in errors[0]
+    step = int(errors[0].split("step ")[1].split(":")[0])
+    done = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in line]
+    assert step == max(done) + 1
+
+
+def _environ(pid: str) -> dict:
+    try:
+        raw = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return {}
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     from launcher.plan.models import read_model
     from launcher.recipe import load_recipe
     from trainer.data.parquet import BadRow, DataError
+    from trainer.loop import CollectiveTimeout
     from trainer.model.hf_config import UnsupportedConfig
 
     try:
@@ -48,6 +49,9 @@ def main(argv=None) -> int:
     except (UserError, DataError, BadRow, UnsupportedConfig) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except CollectiveTimeout as err:  # a hung or dead rank: one line, the job fails
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":  # dist_checkpointing's writer starts processes that re-import this module

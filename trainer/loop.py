@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +26,10 @@ from trainer.metrics import MetricsLog, flops_per_token, peak_tflops
 from trainer.profile import StepProfile
 
 STOP_FILE = "SAVE_AND_EXIT"  # written by the Slurm script when the time limit is near
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective waited past trainer.collective_timeout_s: another rank hung or died."""
 
 
 @dataclass
@@ -72,10 +78,12 @@ def setup(recipe) -> None:
     else:
         devices.install_cpu_shim()
     devices.patch_megatron()
+    timeout = timedelta(seconds=recipe.trainer.collective_timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(devices.backend())
+        dist.init_process_group(devices.backend(), timeout=timeout)
     meg = recipe.megatron
     ps.initialize_model_parallel(
+        distributed_timeout_minutes=timeout.total_seconds() / 60,
         tensor_model_parallel_size=meg.tensor_model_parallel_size,
         pipeline_model_parallel_size=meg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=meg.virtual_pipeline_model_parallel_size,
@@ -347,6 +355,20 @@ def offload_grads(run: Run, offload: bool) -> None:
                 buffer.reload_from_cpu(move_params=False, move_grads=True)
 
 
+@contextmanager
+def collectives_named(current_step, timeout_s: int):
+    """A collective that times out (gloo raises; NCCL's watchdog reports it itself) becomes
+    one line naming the step and this rank."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "timed out" not in str(err).lower() and "timeout" not in str(err).lower():
+            raise
+        raise CollectiveTimeout(
+            f"step {current_step()}: rank {dist.get_rank()} waited {timeout_s} s in a collective: another rank "
+            "hung or died (its log says which; trainer.collective_timeout_s sets the wait)") from None
+
+
 def steps_of(stream, rows_per_step: int):
     """(epoch, rows taken, rows) per optimizer step, from the row stream."""
     while True:
@@ -422,43 +444,44 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         if val_loss is not None:
             log.log({"step": step, "val_loss": val_loss})
 
-    while step < total:
-        if should_stop(run_dir, bool(signalled)):
-            save()
-            if rank0:
-                print(f"stopped at step {step} on request; the next run resumes here", flush=True)
-            log.close()
-            return 0
-        profile.before_step(step)
-        start = time.time()
-        epoch, taken, rows = next(stream)
-        batches = [run.batch(group) for group in split_for_rank(rows, mbs)]
-        data_time = time.time() - start
-        zero_grads(run)
-        loss_sum, count = run_batches(run, batches, forward_only=False)
-        ok, grad_norm, _ = run.optimizer.step()
-        run.scheduler.step(increment=1)
-        step += 1
-        aux = moe_aux_loss(len(batches))
-        mtp = mtp_loss(len(batches)) if recipe.model.enable_mtp else None
-        routed = counter.take(duplicates)
-        elapsed = time.time() - start
-        tokens = float(sum(r.real_tokens() for r in rows))
-        tflops = per_token * tokens / elapsed / dist.get_world_size() / 1e12
-        record = {"step": step, "epoch": epoch, "loss": loss_sum / max(count, 1), "lr": run.optimizer.param_groups[0]["lr"],
-                  "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                  "tokens_per_s": tokens / elapsed, "response_tokens": int(count), "step_time_s": elapsed,
-                  "data_time_s": data_time,
-                  "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
-                  "moe_aux_loss": aux, "mtp_loss": mtp, "tokens_per_expert": routed, "skipped_update": not ok}
-        if devices.on_gpu():
-            record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        log.log(record, console=step % recipe.trainer.log_every == 0 or step == total)
-        profile.after_step(step)
-        if recipe.trainer.test_freq > 0 and step % recipe.trainer.test_freq == 0 and step < total:
-            validation_pass()
-        if recipe.trainer.save_freq > 0 and step % recipe.trainer.save_freq == 0 and step < total:
-            save()
+    with collectives_named(lambda: step + 1, recipe.trainer.collective_timeout_s):
+        while step < total:
+            if should_stop(run_dir, bool(signalled)):
+                save()
+                if rank0:
+                    print(f"stopped at step {step} on request; the next run resumes here", flush=True)
+                log.close()
+                return 0
+            profile.before_step(step)
+            start = time.time()
+            epoch, taken, rows = next(stream)
+            batches = [run.batch(group) for group in split_for_rank(rows, mbs)]
+            data_time = time.time() - start
+            zero_grads(run)
+            loss_sum, count = run_batches(run, batches, forward_only=False)
+            ok, grad_norm, _ = run.optimizer.step()
+            run.scheduler.step(increment=1)
+            step += 1
+            aux = moe_aux_loss(len(batches))
+            mtp = mtp_loss(len(batches)) if recipe.model.enable_mtp else None
+            routed = counter.take(duplicates)
+            elapsed = time.time() - start
+            tokens = float(sum(r.real_tokens() for r in rows))
+            tflops = per_token * tokens / elapsed / dist.get_world_size() / 1e12
+            record = {"step": step, "epoch": epoch, "loss": loss_sum / max(count, 1), "lr": run.optimizer.param_groups[0]["lr"],
+                      "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                      "tokens_per_s": tokens / elapsed, "response_tokens": int(count), "step_time_s": elapsed,
+                      "data_time_s": data_time,
+                      "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
+                      "moe_aux_loss": aux, "mtp_loss": mtp, "tokens_per_expert": routed, "skipped_update": not ok}
+            if devices.on_gpu():
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            log.log(record, console=step % recipe.trainer.log_every == 0 or step == total)
+            profile.after_step(step)
+            if recipe.trainer.test_freq > 0 and step % recipe.trainer.test_freq == 0 and step < total:
+                validation_pass()
+            if recipe.trainer.save_freq > 0 and step % recipe.trainer.save_freq == 0 and step < total:
+                save()
     validation_pass()
     save()
     if rank0:

@@ -77,6 +77,7 @@ trainer:
   resume_from_path: null
   seed: 42
   log_every: 5
+  collective_timeout_s: 600
   tensorboard: false
 job:
   name: tiny_moe
