@@ -75,3 +75,30 @@ def test_sigkill_during_saves_never_breaks_latest_and_losses_match(tmp_path):
     last = {r["step"]: r["loss"] for r in records if "loss" in r}  # a step trained again: its last record
     assert sorted(last) == list(range(1, STEPS + 1))
     assert [last[s] for s in sorted(last)] == pytest.approx(losses(clean), rel=1e-6)
+
+
+def test_sigterm_saves_the_current_step_and_the_next_run_resumes_there(tmp_path):
+    """Kubernetes eviction: SIGTERM to torchrun (the pod's first process) reaches the trainer,
+    which saves at the end of its step and stops; the next run resumes at that step and ends
+    with an uninterrupted run's losses. (torchrun itself then exits 1 after its SignalException.)"""
+    from trainer.checkpoint import damage, latest
+
+    common = ("megatron.expert_model_parallel_size=1", "data.val_files=[]", "trainer.save_freq=-1",
+              "trainer.total_training_steps=12", "trainer.n_gpus_per_node=1")
+    _, _, clean = train(tmp_path / "clean", *common, nproc=1)
+    run_dir = tmp_path / "evicted"
+    config = write_recipe(run_dir, *common)
+    proc = start(run_dir, config)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)  # the process only, as the kubelet signals a container's first process
+    proc.wait(timeout=60)
+    saved = latest(run_dir / "checkpoints")
+    stopped_at = int(saved.name.split("_")[1])
+    assert 3 <= stopped_at < 12 and damage(saved) is None
+    assert start(run_dir, config).wait(timeout=300) == 0
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    last = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert [last[s] for s in sorted(last)] == pytest.approx(losses(clean), rel=1e-6)
