@@ -43,8 +43,11 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="state, exit code, nodes and times of a job")
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("list", help="recent jobs")
+    p = sub.add_parser("list", help="recent jobs with their state and progress, newest first")
     p.add_argument("-n", type=int, default=20, help="how many (default 20)")
+    p.add_argument("--state", help="only jobs in this state (running, completed, failed, pending, ...)")
+    p.add_argument("--name", help="only jobs whose name contains this")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
     p = sub.add_parser("logs", help="a job's output")
     p.add_argument("job_id")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the job ends")
@@ -280,31 +283,73 @@ def _backend_for_record(job_id: str):
 def cmd_status(args) -> int:
     backend, record = _backend_for_record(args.job_id)
     status = backend.status(record)
+    progress = _progress(backend, record, status)
     if args.json:
         print(json.dumps({"job_id": record.job_id, "name": record.name, "state": status.state,
                           "exit_code": status.exit_code, "nodes": status.nodes, "start": status.start,
-                          "end": status.end, "reason": status.reason, "run_dir": record.run_dir}))
-    else:
-        print(f"job        {record.job_id} ({record.name}, {record.backend})")
-        print(f"state      {status.state}" + (f" ({status.reason})" if status.reason else ""))
-        print(f"exit code  {status.exit_code if status.exit_code is not None else '-'}")
-        print(f"nodes      {status.nodes or '-'}")
-        print(f"start      {status.start or '-'}")
-        print(f"end        {status.end or '-'}")
-        print(f"run dir    {record.run_dir}")
+                          "end": status.end, "reason": status.reason, "run_dir": record.run_dir,
+                          "log": backend.log_path(record), **progress.to_dict()}))
+        return EXIT_OK
+    from launcher.progress import duration
+
+    steps = f"{progress.step}/{progress.total_steps}" if progress.step is not None else "-"
+    print(f"job          {record.job_id} ({record.name}, {record.backend})")
+    print(f"state        {status.state}" + (f" ({status.reason})" if status.reason else ""))
+    print(f"step         {steps}" + (f", loss {progress.loss:.4f}" if progress.loss is not None else "")
+          + (f", validation loss {progress.val_loss:.4f}" if progress.val_loss is not None else ""))
+    print(f"speed        {f'{progress.tokens_per_s:,.0f} tokens/s' if progress.tokens_per_s else '-'}; "
+          f"elapsed {duration(progress.elapsed_s)}, ETA {duration(progress.eta_s)}")
+    print(f"restarts     {progress.restarts}")
+    print(f"checkpoint   {progress.last_checkpoint or '-'}")
+    if progress.last_error:
+        print(f"error        {progress.last_error}")
+    print(f"exit code    {status.exit_code if status.exit_code is not None else '-'}")
+    print(f"nodes        {status.nodes or '-'}")
+    print(f"start, end   {status.start or '-'}, {status.end or '-'}")
+    print(f"run dir      {record.run_dir}")
+    print(f"log          {backend.log_path(record) or '-'}")
     return EXIT_OK
 
 
-def cmd_list(args) -> int:
-    from datetime import datetime
+def _progress(backend, record, status):
+    from launcher.progress import read_progress
 
+    log = backend.log_path(record)
+    return read_progress(record.run_dir, record.job_id, log if log and "://" not in log else None,
+                         running=not status.finished)
+
+
+def cmd_list(args) -> int:
+    from launcher.backends import backend_for
+    from launcher.cluster import load_cluster
+    from launcher.progress import duration
     from launcher.store import JobStore
 
-    records = JobStore().recent(args.n)
-    print(f"{'JOB':<22} {'NAME':<24} {'BACKEND':<10} {'SUBMITTED':<19} RUN DIR")
-    for r in records:
-        when = datetime.fromtimestamp(r.submitted_at).strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{r.job_id:<22} {r.name:<24} {r.backend:<10} {when:<19} {r.run_dir}")
+    rows = []
+    for record in JobStore().recent(args.n if not (args.state or args.name) else 10**6):
+        if args.name and args.name not in record.name:
+            continue
+        try:
+            backend = backend_for(load_cluster(record.cluster))
+            status = backend.status(record)
+        except UserError:
+            continue  # a profile that moved or a cluster out of reach: `launcher status` says which
+        if args.state and status.state.lower() != args.state.lower():
+            continue
+        rows.append((record, status, _progress(backend, record, status)))
+        if len(rows) >= args.n:
+            break
+    if args.json:
+        print(json.dumps([{"job_id": r.job_id, "name": r.name, "backend": r.backend, "state": s.state,
+                           "submitted_at": r.submitted_at, "run_dir": r.run_dir, **p.to_dict()} for r, s, p in rows]))
+        return EXIT_OK
+    print(f"{'JOB':<22} {'NAME':<20} {'STATE':<10} {'STEP':>11} {'LOSS':>8} {'TOK/S':>9} {'ELAPSED':>8} {'ETA':>8}")
+    for r, s, p in rows:
+        step = f"{p.step}/{p.total_steps}" if p.step is not None else "-"
+        loss = f"{p.loss:.4f}" if p.loss is not None else "-"
+        speed = f"{p.tokens_per_s:,.0f}" if p.tokens_per_s else "-"
+        print(f"{r.job_id:<22} {r.name[:20]:<20} {s.state:<10} {step:>11} {loss:>8} {speed:>9} "
+              f"{duration(p.elapsed_s):>8} {duration(p.eta_s):>8}")
     return EXIT_OK
 
 

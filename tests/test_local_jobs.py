@@ -33,11 +33,20 @@ def test_submit_wait_trains_and_reports(home):
     assert len(losses) == 20 and losses[-1] < losses[0] - 1.0
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000020"
     rc, out, _ = run_launcher("status", result["job_id"], "--json", env=env)
-    assert rc == 0 and json.loads(out)["state"] == "COMPLETED"
+    status = json.loads(out)
+    assert rc == 0 and status["state"] == "COMPLETED" and (status["step"], status["total_steps"]) == (20, 20)
+    assert status["loss"] == losses[-1] and status["eta_s"] is None and status["elapsed_s"] > 0
+    assert status["val_loss"] == [m for m in metrics if "val_loss" in m][-1]["val_loss"]
+    assert status["last_checkpoint"] == str(run_dir / "checkpoints" / "step_000020")
+    rc, out, _ = run_launcher("status", result["job_id"], env=env)
+    assert f"step         20/20, loss {losses[-1]:.4f}, validation loss" in out
     rc, out, _ = run_launcher("logs", result["job_id"], env=env)
     assert "done: 20 steps" in out
     rc, out, _ = run_launcher("list", env=env)
-    assert result["job_id"] in out
+    assert result["job_id"] in out and "COMPLETED" in out and "20/20" in out
+    (listed,) = json.loads(run_launcher("list", "--json", "--name", "tiny", env=env)[1])
+    assert (listed["job_id"], listed["state"], listed["step"]) == (result["job_id"], "COMPLETED", 20)
+    assert json.loads(run_launcher("list", "--json", "--state", "running", env=env)[1]) == []
     assert {m["job_id"] for m in metrics} == {result["job_id"]}
 
 
@@ -72,6 +81,10 @@ def test_failed_job_exits_1_with_log_tail(home, tmp_path):
     assert rc == 1
     assert "FAILED (exit code 1)" in out  # torchrun's exit code when a worker fails
     assert "the job said: error: " in out and "missing.parquet: no such data file" in out
+    job_id = out.split()[2]
+    status = json.loads(run_launcher("status", job_id, "--json", env=env)[1])
+    assert status["state"] == "FAILED" and "missing.parquet: no such data file" in status["last_error"]
+    assert "error        " in run_launcher("status", job_id, env=env)[1]
 
 
 def test_cancel(home):
@@ -79,8 +92,16 @@ def test_cancel(home):
     rc, out, err = run_launcher("submit", RECIPES / "tiny_moe.yaml", "--cluster", profile, "--json",
                                 "trainer.total_training_steps=100000", env=env)
     job_id = json.loads(out.splitlines()[-1])["job_id"]
-    time.sleep(3)
-    assert json.loads(run_launcher("status", job_id, "--json", env=env)[1])["state"] == "RUNNING"
+    deadline = time.time() + 120
+    status = {}
+    while time.time() < deadline and (status.get("step") or 0) < 2:
+        time.sleep(1)
+        status = json.loads(run_launcher("status", job_id, "--json", env=env)[1])
+    # a running job's progress: steps of the total, speed, time so far and to go
+    assert status["state"] == "RUNNING" and status["total_steps"] == 100000 and status["step"] >= 2
+    assert status["tokens_per_s"] > 0 and status["eta_s"] > 1000 and status["elapsed_s"] > 0
+    (listed,) = json.loads(run_launcher("list", "--json", "--state", "running", env=env)[1])
+    assert listed["job_id"] == job_id
     rc, out, _ = run_launcher("cancel", job_id, env=env, timeout=60)
     assert rc == 0
     assert json.loads(run_launcher("status", job_id, "--json", env=env)[1])["state"] == "CANCELLED"

@@ -46,7 +46,8 @@ class MetricsLog:
         if not self.enabled:
             return
         # which job and attempt wrote it: a run directory holds every submission of its recipe
-        record = {**record, "job_id": os.environ.get("MOE_JOB_ID"), "restart": int(os.environ.get("MOE_RESTART") or 0)}
+        record = {**record, "job_id": os.environ.get("MOE_JOB_ID"), "restart": int(os.environ.get("MOE_RESTART") or 0),
+                  "total_steps": self.total, "time": round(time.time(), 3)}  # progress for launcher status
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer:

@@ -1,0 +1,104 @@
+"""How far a job is, from its run directory: the trainer's metrics.jsonl (its own records
+only: a run directory holds every submission of its recipe), its checkpoints and its log.
+Plain file reads, no torch: `launcher list` and `launcher status` call it for every job."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class Progress:
+    step: Optional[int] = None
+    total_steps: Optional[int] = None
+    loss: Optional[float] = None
+    val_loss: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    elapsed_s: Optional[float] = None  # from the job's first logged step to its last
+    eta_s: Optional[float] = None
+    restarts: int = 0
+    last_checkpoint: Optional[str] = None
+    last_error: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_progress(run_dir: str | Path, job_id: str, log_path: Optional[str] = None,
+                  running: bool = True) -> Progress:
+    run_dir = Path(run_dir)
+    progress = Progress()
+    records = _records(run_dir / "metrics.jsonl", job_id)
+    steps = [r for r in records if "loss" in r]
+    if steps:
+        last = steps[-1]
+        recent = steps[-5:]
+        progress.step, progress.total_steps, progress.loss = last["step"], last.get("total_steps"), last["loss"]
+        progress.tokens_per_s = statistics.median(r["tokens_per_s"] for r in recent)
+        progress.restarts = max(r.get("restart", 0) for r in steps)
+        if "time" in steps[0]:
+            progress.elapsed_s = (time.time() if running else last["time"]) - steps[0]["time"] + steps[0]["step_time_s"]
+        if progress.total_steps and running:
+            progress.eta_s = (progress.total_steps - progress.step) * statistics.median(r["step_time_s"] for r in recent)
+    vals = [r for r in records if "val_loss" in r]
+    progress.val_loss = vals[-1]["val_loss"] if vals else None
+    progress.last_checkpoint = _latest_checkpoint(run_dir)
+    progress.last_error = _last_error(log_path)
+    return progress
+
+
+def _records(path: Path, job_id: str) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line being written
+    own = [r for r in records if r.get("job_id") == job_id]
+    # records without a job id come from runs outside the launcher (or from before it named them)
+    return own or [r for r in records if r.get("job_id") is None]
+
+
+def _latest_checkpoint(run_dir: Path) -> Optional[str]:
+    """`latest` of the checkpoint folder the job's recipe names (default RUN_DIR/checkpoints)."""
+    folder = run_dir / "checkpoints"
+    recipe = run_dir / "recipe.yaml"
+    if recipe.exists():
+        import yaml
+
+        try:
+            named = (yaml.safe_load(recipe.read_text()) or {}).get("trainer", {}).get("default_local_dir")
+        except yaml.YAMLError:
+            named = None
+        folder = Path(named) if named else folder
+    try:
+        return str(folder / (folder / "latest").read_text().strip())
+    except OSError:
+        return None
+
+
+def _last_error(log_path: Optional[str]) -> Optional[str]:
+    """The trainer's last `error:` line (the reason a job failed), from the end of its log."""
+    if not log_path or not Path(log_path).exists():
+        return None
+    with open(log_path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - 256 * 1024))
+        tail = f.read().decode(errors="replace")
+    errors = [line.strip() for line in tail.splitlines() if line.strip().startswith("error: ")]
+    return errors[-1][len("error: "):] if errors else None
+
+
+def duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
