@@ -55,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
                    help="Hugging Face <-> megatron-core checkpoints (launcher convert -h)")
     p = sub.add_parser("cancel", help="stop a job")
     p.add_argument("job_id")
+    p = sub.add_parser("report", help="plots and a summary of a run's metrics (RUN_DIR or a job id)")
+    p.add_argument("target", help="a run directory (all its jobs) or a job id (that job's steps)")
+    p.add_argument("-o", "--output", type=Path, help="folder to write into (default RUN_DIR/report)")
     p = sub.add_parser("data", help="look at the recipe's data as the trainer will see it")
     data = p.add_subparsers(dest="data_command", required=True)
     p = data.add_parser("check", help="rows, tokens, learned tokens, bad rows, packing, rendered samples")
@@ -368,6 +371,33 @@ def cmd_cancel(args) -> int:
     return EXIT_OK
 
 
+def cmd_report(args) -> int:
+    from launcher import report
+
+    target, job_id = Path(args.target), None
+    if not target.is_dir():
+        from launcher.store import JobStore
+
+        record = JobStore().get(args.target)  # UserError: neither a folder nor a known job
+        target, job_id = Path(record.run_dir), record.job_id
+    metrics = target / "metrics.jsonl"
+    if not metrics.exists():
+        raise UserError(f"{metrics}: no metrics yet; the job writes them from its first step")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("launcher report needs matplotlib: pip install 'moe-launcher[report]'") from None
+    run = report.Run.read(metrics, job_id)
+    if not run.steps:
+        raise UserError(f"{metrics}: no training steps{f' of job {job_id}' if job_id else ''} yet")
+    out = args.output or target / "report"
+    for path in report.write(run, out, f"{target.name}" + (f" ({job_id})" if job_id else "")):
+        print(path)
+    for alert in report.alerts(run):
+        print(f"alert: {alert}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_data(args) -> int:
     """`launcher data check`: exit 2 when the job would stop at a bad row."""
     from launcher import data_check
@@ -388,7 +418,8 @@ def cmd_data(args) -> int:
 
 
 COMMANDS = {"validate": cmd_validate, "plan": cmd_plan, "render": cmd_render, "submit": cmd_submit,
-            "status": cmd_status, "list": cmd_list, "logs": cmd_logs, "cancel": cmd_cancel, "data": cmd_data}
+            "status": cmd_status, "list": cmd_list, "logs": cmd_logs, "cancel": cmd_cancel, "data": cmd_data,
+            "report": cmd_report}
 
 
 def cmd_convert(rest: list[str]) -> int:

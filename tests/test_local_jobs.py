@@ -48,6 +48,19 @@ def test_submit_wait_trains_and_reports(home):
     assert (listed["job_id"], listed["state"], listed["step"]) == (result["job_id"], "COMPLETED", 20)
     assert json.loads(run_launcher("list", "--json", "--state", "running", env=env)[1]) == []
     assert {m["job_id"] for m in metrics} == {result["job_id"]}
+    # the report: every plot written, the summary's numbers those of metrics.jsonl
+    rc, out, err = run_launcher("report", result["job_id"], env=env, timeout=120)
+    assert rc == 0, err
+    report = run_dir / "report"
+    for name in ("loss.png", "optimizer.png", "throughput.png", "expert_share.png", "expert_imbalance.png",
+                 "aux_loss.png", "summary.md", "report.html"):
+        assert (report / name).stat().st_size > 1000 or name.endswith((".md", ".html")), name
+    text = (report / "summary.md").read_text()
+    assert f"| final loss | {losses[-1]:.4f} |" in text and "| steps | 1 to 20 (20) |" in text
+    for layer in ("layer_0", "layer_1"):
+        totals = [sum(col) for col in zip(*(m["tokens_per_expert"][layer] for m in metrics if "loss" in m))]
+        assert f"| {max(totals) / (sum(totals) / len(totals)):.2f} |" in text.split(f"| {layer} |")[1].splitlines()[0]
+    assert 'src="expert_share.png"' in (report / "report.html").read_text()
 
 
 def test_submitting_again_trains_only_what_is_left_and_reports_only_itself(home):
