@@ -40,9 +40,11 @@ def parser() -> argparse.ArgumentParser:
     how.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 if it failed")
     how.add_argument("--follow", action="store_true", help="stream the job's log until it ends")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p = sub.add_parser("status", help="state, exit code, nodes and times of a job")
+    p = sub.add_parser("status", help="state, progress, checkpoint, alerts, exit code, nodes and times of a job")
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", nargs="?", type=float, const=5.0, metavar="SECONDS",
+                   help="refresh in place every SECONDS (default 5) until the job ends")
     p = sub.add_parser("list", help="recent jobs with their state and progress, newest first")
     p.add_argument("-n", type=int, default=20, help="how many (default 20)")
     p.add_argument("--state", help="only jobs in this state (running, completed, failed, pending, ...)")
@@ -284,34 +286,49 @@ def _backend_for_record(job_id: str):
 
 
 def cmd_status(args) -> int:
+    import time
+
     backend, record = _backend_for_record(args.job_id)
-    status = backend.status(record)
-    progress = _progress(backend, record, status)
-    if args.json:
-        print(json.dumps({"job_id": record.job_id, "name": record.name, "state": status.state,
-                          "exit_code": status.exit_code, "nodes": status.nodes, "start": status.start,
-                          "end": status.end, "reason": status.reason, "run_dir": record.run_dir,
-                          "log": backend.log_path(record), **progress.to_dict()}))
-        return EXIT_OK
+    while True:
+        status = backend.status(record)
+        progress = _progress(backend, record, status)
+        if args.json:
+            print(json.dumps({"job_id": record.job_id, "name": record.name, "state": status.state,
+                              "exit_code": status.exit_code, "nodes": status.nodes, "start": status.start,
+                              "end": status.end, "reason": status.reason, "run_dir": record.run_dir,
+                              "log": backend.log_path(record), **progress.to_dict()}), flush=True)
+        else:
+            text = status_text(backend, record, status, progress)
+            print(("\x1b[H\x1b[2J" if args.watch and sys.stdout.isatty() else "") + text, flush=True)
+        if not args.watch or status.finished:
+            return EXIT_OK
+        time.sleep(args.watch)
+
+
+def status_text(backend, record, status, progress) -> str:
     from launcher.progress import duration
 
     steps = f"{progress.step}/{progress.total_steps}" if progress.step is not None else "-"
-    print(f"job          {record.job_id} ({record.name}, {record.backend})")
-    print(f"state        {status.state}" + (f" ({status.reason})" if status.reason else ""))
-    print(f"step         {steps}" + (f", loss {progress.loss:.4f}" if progress.loss is not None else "")
-          + (f", validation loss {progress.val_loss:.4f}" if progress.val_loss is not None else ""))
-    print(f"speed        {f'{progress.tokens_per_s:,.0f} tokens/s' if progress.tokens_per_s else '-'}; "
-          f"elapsed {duration(progress.elapsed_s)}, ETA {duration(progress.eta_s)}")
-    print(f"restarts     {progress.restarts}")
-    print(f"checkpoint   {progress.last_checkpoint or '-'}")
+    lines = [
+        f"job          {record.job_id} ({record.name}, {record.backend})",
+        f"state        {status.state}" + (f" ({status.reason})" if status.reason else ""),
+        f"step         {steps}" + (f", loss {progress.loss:.4f}" if progress.loss is not None else "")
+        + (f", validation loss {progress.val_loss:.4f}" if progress.val_loss is not None else ""),
+        f"speed        {f'{progress.tokens_per_s:,.0f} tokens/s' if progress.tokens_per_s else '-'}; "
+        f"elapsed {duration(progress.elapsed_s)}, ETA {duration(progress.eta_s)}",
+        f"restarts     {progress.restarts}",
+    ]
+    if progress.alerts:
+        lines.append(f"alerts       {len(progress.alerts)}, the last: {progress.alerts[-1]}")
+    lines.append(f"checkpoint   {progress.last_checkpoint or '-'}")
     if progress.last_error:
-        print(f"error        {progress.last_error}")
-    print(f"exit code    {status.exit_code if status.exit_code is not None else '-'}")
-    print(f"nodes        {status.nodes or '-'}")
-    print(f"start, end   {status.start or '-'}, {status.end or '-'}")
-    print(f"run dir      {record.run_dir}")
-    print(f"log          {backend.log_path(record) or '-'}")
-    return EXIT_OK
+        lines.append(f"error        {progress.last_error}")
+    lines += [f"exit code    {status.exit_code if status.exit_code is not None else '-'}",
+              f"nodes        {status.nodes or '-'}",
+              f"start, end   {status.start or '-'}, {status.end or '-'}",
+              f"run dir      {record.run_dir}",
+              f"log          {backend.log_path(record) or '-'}"]
+    return "\n".join(lines)
 
 
 def _progress(backend, record, status):
@@ -390,10 +407,17 @@ def cmd_report(args) -> int:
     run = report.Run.read(metrics, job_id)
     if not run.steps:
         raise UserError(f"{metrics}: no training steps{f' of job {job_id}' if job_id else ''} yet")
+    thresholds = {}
+    if (target / "recipe.yaml").exists():  # the run's own alert thresholds
+        from launcher.recipe import load_recipe
+
+        trainer = load_recipe(target / "recipe.yaml").trainer
+        thresholds = {"spike": trainer.alert_loss_spike, "imbalance_limit": trainer.alert_expert_imbalance}
+    found = report.alerts(run, **thresholds)
     out = args.output or target / "report"
-    for path in report.write(run, out, f"{target.name}" + (f" ({job_id})" if job_id else "")):
+    for path in report.write(run, out, f"{target.name}" + (f" ({job_id})" if job_id else ""), found):
         print(path)
-    for alert in report.alerts(run):
+    for alert in found:
         print(f"alert: {alert}", file=sys.stderr)
     return EXIT_OK
 

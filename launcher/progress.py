@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +24,7 @@ class Progress:
     restarts: int = 0
     last_checkpoint: Optional[str] = None
     last_error: Optional[str] = None
+    alerts: list = field(default_factory=list)  # the trainer's (launcher.alerts), the last 20
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +42,7 @@ def read_progress(run_dir: str | Path, job_id: str, log_path: Optional[str] = No
         progress.step, progress.total_steps, progress.loss = last["step"], last.get("total_steps"), last["loss"]
         progress.tokens_per_s = statistics.median(r["tokens_per_s"] for r in recent)
         progress.restarts = max(r.get("restart", 0) for r in steps)
+        progress.alerts = [a for r in steps for a in r.get("alerts", [])][-20:]
         if "time" in steps[0]:
             progress.elapsed_s = (time.time() if running else last["time"]) - steps[0]["time"] + steps[0]["step_time_s"]
         if progress.total_steps and running:

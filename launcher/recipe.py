@@ -123,6 +123,11 @@ class TrainerSection:
     # How long a rank waits in a collective before the job fails (a hung or dead rank): well
     # under any time limit, above the slowest checkpoint save.
     collective_timeout_s: int = 600
+    # Alerts in the log, metrics.jsonl and `launcher status`: a step's loss above this many times
+    # the median of the steps before it; an MoE layer whose most loaded expert takes more than
+    # this many times the mean.
+    alert_loss_spike: float = 3.0
+    alert_expert_imbalance: float = 4.0
     tensorboard: bool = False
 
 

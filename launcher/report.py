@@ -4,8 +4,9 @@ Writes into OUT (default RUN_DIR/report/): loss.png (training and validation los
 optimizer.png (learning rate and gradient norm), throughput.png (tokens/s and MFU),
 expert_share.png (per MoE layer, the share of tokens routed to each expert over the steps),
 expert_imbalance.png (most loaded expert / mean, per layer), aux_loss.png, summary.md and
-report.html (the plots and the summary on one page). Every record of a step trained more than
-once (a restart) counts once: its last. Needs matplotlib (the `report` extra), never torch.
+report.html (the plots and the summary on one page), with the run's alerts (launcher.alerts).
+Every record of a step trained more than once (a restart) counts once: its last. Needs
+matplotlib (the `report` extra), never torch.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-SPIKE = 3.0  # a step's loss above SPIKE x the median of the 20 before it
-IMBALANCE = 4.0  # a layer whose most loaded expert gets more than IMBALANCE x the mean
 
 
 @dataclass
@@ -58,22 +57,19 @@ def imbalance(counts: list[float]) -> float:
     return max(counts) / mean if mean else math.nan
 
 
-def alerts(run: Run) -> list[str]:
-    found = []
-    losses = [r["loss"] for r in run.steps]
-    for i, r in enumerate(run.steps):
-        if not math.isfinite(r["loss"]) or not math.isfinite(r.get("grad_norm", 0.0)):
-            found.append(f"step {r['step']}: loss {r['loss']}, gradient norm {r.get('grad_norm')}: not finite")
-        elif i >= 5 and r["loss"] > SPIKE * statistics.median(losses[max(0, i - 20):i]):
-            found.append(f"step {r['step']}: loss spike, {r['loss']:.4f} > {SPIKE:g} x the median of the steps before")
-    for layer in run.layers():
-        ratio = imbalance(run.expert_totals(layer))
-        if ratio > IMBALANCE:
-            found.append(f"{layer}: its most loaded expert took {ratio:.1f} x the mean over the run")
+def alerts(run: Run, spike: float = 3.0, imbalance_limit: float = 4.0) -> list[str]:
+    """The alerts the trainer recorded at each step (launcher.alerts), or, for records written
+    before it did, the same checks made here."""
+    from launcher.alerts import step_alerts
+
+    found, losses = [], []
+    for r in run.steps:
+        found += r["alerts"] if "alerts" in r else step_alerts(r, losses, spike, imbalance_limit)
+        losses.append(r["loss"])
     return found
 
 
-def summary(run: Run, title: str) -> str:
+def summary(run: Run, title: str, found_alerts: list[str]) -> str:
     steps = run.steps
     losses = [r["loss"] for r in steps]
     lines = [f"# {title}", "", "| | |", "| --- | --- |",
@@ -101,12 +97,11 @@ def summary(run: Run, title: str) -> str:
             top, low = max(range(len(totals)), key=totals.__getitem__), min(range(len(totals)), key=totals.__getitem__)
             lines.append(f"| {layer} | expert {top} ({totals[top]:,}) | expert {low} ({totals[low]:,}) | "
                          f"{imbalance(totals):.2f} |")
-    found = alerts(run)
-    lines += ["", "## Alerts", ""] + ([f"- {a}" for a in found] or ["none"])
+    lines += ["", "## Alerts", ""] + ([f"- {a}" for a in found_alerts] or ["none"])
     return "\n".join(lines) + "\n"
 
 
-def write(run: Run, out: Path, title: str) -> list[Path]:
+def write(run: Run, out: Path, title: str, found_alerts: list[str]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,7 +181,7 @@ def write(run: Run, out: Path, title: str) -> list[Path]:
         ax.grid(alpha=0.3)
         save(fig, "aux_loss.png")
 
-    text = summary(run, title)
+    text = summary(run, title, found_alerts)
     (out / "summary.md").write_text(text)
     pictures = "".join(f'<figure><img src="{p.name}" alt="{p.stem}"></figure>' for p in written)
     (out / "report.html").write_text(

@@ -18,6 +18,7 @@ MAY_CHANGE = (
     "trainer.total_training_steps", "trainer.total_epochs", "trainer.save_freq", "trainer.test_freq",
     "trainer.log_every", "trainer.tensorboard", "trainer.default_local_dir", "trainer.nnodes",
     "trainer.max_ckpt_to_keep", "trainer.resume_from_path", "trainer.collective_timeout_s",
+    "trainer.alert_loss_spike", "trainer.alert_expert_imbalance",
     "trainer.n_gpus_per_node", "model.path", "model.tokenizer_path", "data.train_files", "data.val_files",
     "data.micro_batch_size", "megatron.", "job.",
 )

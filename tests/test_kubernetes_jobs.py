@@ -67,3 +67,25 @@ def test_unreadable_kubeconfig_is_one_line(fake, tmp_path):
     broken.write_text((tmp_path / "k8s.yaml").read_text().replace(str(tmp_path / "kubeconfig"), "/nonexistent/config"))
     rc, _, err = run_launcher("submit", RECIPES / "mixtral_8x7b.yaml", "--cluster", broken, env=env)
     assert rc == 2 and err.startswith(f"error: {broken}: kubernetes.kubeconfig: cannot use /nonexistent/config")
+
+
+def test_following_the_log_across_a_pod_restart(fake, monkeypatch):
+    """`launcher logs -f` keeps following when the first node's pod restarts: the new attempt's
+    log from its start, after a line saying so, then the end when the job ends."""
+    from launcher.backends import backend_for
+    from launcher.cluster import load_cluster
+    from launcher.store import JobStore
+
+    server, profile, env = fake
+    rc, out, _ = run_launcher("submit", RECIPES / "mixtral_8x7b.yaml", "--cluster", profile, "--json", env=env)
+    job_id = json.loads(out.splitlines()[-1])["job_id"]
+    monkeypatch.setenv("MOE_LAUNCHER_HOME", env["MOE_LAUNCHER_HOME"])
+    record = JobStore().get(job_id)
+    server.run_job("training", "mixtral-8x7b", "Running", log="attempt 1: step 1\nattempt 1: step 2\n")
+    follow = backend_for(load_cluster(profile)).logs(record, follow=True, poll_s=0.05)
+    assert next(follow) == "attempt 1: step 1\nattempt 1: step 2\n"
+    server.run_job("training", "mixtral-8x7b", "Running", log="attempt 2: resumed\n")  # a new container
+    assert next(follow).endswith("restarted; its log from the start ---\n")
+    assert next(follow) == "attempt 2: resumed\n"
+    server.run_job("training", "mixtral-8x7b", "Succeeded", exit_code=0, log="attempt 2: resumed\ndone\n")
+    assert "".join(follow) == "done\n"

@@ -1,6 +1,7 @@
 """Jobs on this machine through `launcher submit --cluster local`: the README's main command."""
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -115,6 +116,11 @@ def test_cancel(home):
     assert status["tokens_per_s"] > 0 and status["eta_s"] > 1000 and status["elapsed_s"] > 0
     (listed,) = json.loads(run_launcher("list", "--json", "--state", "running", env=env)[1])
     assert listed["job_id"] == job_id
+    # --watch: one refresh after another, as long as the job runs (ended here by the timeout)
+    with pytest.raises(subprocess.TimeoutExpired) as watched:
+        run_launcher("status", job_id, "--watch", "1", env=env, timeout=4)
+    out = watched.value.stdout or b""
+    assert (out.decode() if isinstance(out, bytes) else out).count("state        RUNNING") >= 2
     rc, out, _ = run_launcher("cancel", job_id, env=env, timeout=60)
     assert rc == 0
     assert json.loads(run_launcher("status", job_id, "--json", env=env)[1])["state"] == "CANCELLED"

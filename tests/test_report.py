@@ -26,7 +26,7 @@ def test_alerts_name_the_spike_the_nan_and_the_overloaded_layer(tmp_path):
     alerts = [line for line in err.splitlines() if line.startswith("alert: ")]
     assert any("step 20: loss spike" in a for a in alerts)
     assert any("step 25: loss nan" in a and "not finite" in a for a in alerts)
-    assert any(a.startswith("alert: layer_1: its most loaded expert took 7.4 x the mean") for a in alerts)
+    assert any(a == "alert: step 1: layer_1: expert 0 took 7.4 x the mean of its layer's tokens" for a in alerts)
     assert not any("layer_0" in a for a in alerts)
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert "| layer_1 | expert 0 (2,790) | expert 1 (30) | 7.44 |" in summary and "## Alerts" in summary

@@ -385,6 +385,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
 
     from megatron.core import parallel_state as ps
 
+    from launcher.alerts import step_alerts
     from launcher.errors import UserError
     from launcher.resume import refusal
     from trainer.data.batches import prefetch
@@ -426,6 +427,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
     profile = StepProfile(rank0, first=max(total - 2, step))  # the last two steps
     signalled = []
     signal.signal(signal.SIGTERM, lambda *_: signalled.append(True))
+    recent_losses: list[float] = []  # for the loss-spike alert
 
     def save() -> None:
         offload_grads(run, True)
@@ -476,6 +478,11 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
                       "moe_aux_loss": aux, "mtp_loss": mtp, "tokens_per_expert": routed, "skipped_update": not ok}
             if devices.on_gpu():
                 record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            record["alerts"] = step_alerts(record, recent_losses, recipe.trainer.alert_loss_spike,
+                                           recipe.trainer.alert_expert_imbalance)
+            recent_losses.append(record["loss"])
+            for alert in record["alerts"] if rank0 else []:
+                print(f"alert: {alert}", flush=True)
             log.log(record, console=step % recipe.trainer.log_every == 0 or step == total)
             profile.after_step(step)
             if recipe.trainer.test_freq > 0 and step % recipe.trainer.test_freq == 0 and step < total:

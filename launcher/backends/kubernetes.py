@@ -213,19 +213,29 @@ class KubernetesJobs:
         return None  # logs come from the first node's pod
 
     def logs(self, record: JobRecord, follow: bool = False, poll_s: float = 2.0):
+        """The first node's pod log; following it across restarts of its container and
+        recreations of the pod, each marked, the new attempt's log from its start."""
         import time
 
         core, _ = _api(self.cluster)
-        seen = 0
+        seen, attempt = 0, None
         while True:
+            ended = follow and self.status(record).finished  # asked first: the read below then has the end
             pod = self._master_pod(core, record)
             if pod is not None:
-                text = _call("read log", core.read_namespaced_pod_log, pod["metadata"]["name"],
-                             record.details["namespace"], container=self.kind(record).container)
+                name = pod["metadata"]["name"]
+                text = _call("read log", core.read_namespaced_pod_log, name, record.details["namespace"],
+                             container=self.kind(record).container)
+                now = (pod["metadata"].get("uid", name),
+                       sum(c.get("restartCount", 0) for c in pod.get("status", {}).get("containerStatuses") or []))
+                if attempt is not None and (now != attempt or len(text) < seen):
+                    yield f"--- moe-launcher: {name} restarted; its log from the start ---\n"
+                    seen = 0
+                attempt = now
                 if len(text) > seen:
                     yield text[seen:]
                     seen = len(text)
-            if not follow or self.status(record).finished:
+            if not follow or ended:
                 return
             time.sleep(poll_s)
 

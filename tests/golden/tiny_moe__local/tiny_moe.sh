@@ -78,6 +78,8 @@ trainer:
   seed: 42
   log_every: 5
   collective_timeout_s: 600
+  alert_loss_spike: 3.0
+  alert_expert_imbalance: 4.0
   tensorboard: false
 job:
   name: tiny_moe
