@@ -29,8 +29,10 @@ def render(recipe, cluster, *overrides):
 
 
 def portable(text: str) -> str:
-    """Golden files hold no machine-specific paths."""
-    return text.replace(str(REPO), "@REPO@").replace(os.path.expanduser("~"), "@HOME@")
+    """Golden files hold no machine-specific paths (the longer first: either may hold the other)."""
+    for path, token in sorted([(str(REPO), "@REPO@"), (os.path.expanduser("~"), "@HOME@")], key=lambda p: -len(p[0])):
+        text = text.replace(path, token)
+    return text
 
 
 @pytest.fixture(autouse=True)
