@@ -34,7 +34,7 @@ def read_progress(run_dir: str | Path, job_id: str, log_path: Optional[str] = No
                   running: bool = True) -> Progress:
     run_dir = Path(run_dir)
     progress = Progress()
-    records = _records(run_dir / "metrics.jsonl", job_id)
+    records = read_records(run_dir / "metrics.jsonl", job_id)
     steps = [r for r in records if "loss" in r]
     if steps:
         last = steps[-1]
@@ -54,7 +54,8 @@ def read_progress(run_dir: str | Path, job_id: str, log_path: Optional[str] = No
     return progress
 
 
-def _records(path: Path, job_id: str) -> list[dict]:
+def read_records(path: Path, job_id: str | None) -> list[dict]:
+    """metrics.jsonl's records of one job (all of them for None); a half-written line is skipped."""
     if not path.exists():
         return []
     records = []
@@ -63,6 +64,8 @@ def _records(path: Path, job_id: str) -> list[dict]:
             records.append(json.loads(line))
         except ValueError:
             continue  # a line being written
+    if job_id is None:
+        return records
     own = [r for r in records if r.get("job_id") == job_id]
     # records without a job id come from runs outside the launcher (or from before it named them)
     return own or [r for r in records if r.get("job_id") is None]

@@ -12,7 +12,6 @@ matplotlib (the `report` extra), never torch.
 from __future__ import annotations
 
 import html
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -27,15 +26,10 @@ class Run:
 
     @classmethod
     def read(cls, metrics: Path, job_id: str | None = None) -> "Run":
-        records = []
-        for line in metrics.read_text(errors="replace").splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-        if job_id is not None:
-            records = [r for r in records if r.get("job_id") == job_id]
+        from launcher.progress import read_records
+
         by_step, val = {}, {}
+        records = read_records(metrics, job_id)
         for r in records:
             if "loss" in r:
                 by_step[r["step"]] = r

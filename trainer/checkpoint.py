@@ -75,14 +75,15 @@ def resume_point(root: Path, asked: str | None) -> Path | None:
     from launcher.errors import UserError
 
     chosen = latest(root)
+    problem = damage(chosen) if chosen is not None else None
     # the one asked for, unless `latest` is newer and sound (a requeued job goes on from there)
-    if asked and (chosen is None or chosen.name <= Path(asked).name or damage(chosen)):
+    if asked and (chosen is None or chosen.name <= Path(asked).name or problem):
         chosen = Path(asked)
         if not chosen.is_dir():
             raise UserError(f"trainer.resume_from_path: {asked} is not a checkpoint folder")
+        problem = damage(chosen)
     if chosen is None:
         return None
-    problem = damage(chosen)
     if problem:
         earlier = [p for p in complete(chosen.parent) if p.name < chosen.name and damage(p) is None]
         offer = (f"the newest complete one before it is {earlier[-1]}: resume from it with "
