@@ -20,6 +20,11 @@ def _job_args(p: argparse.ArgumentParser) -> None:
                    help="dotted recipe keys to override, e.g. megatron.expert_model_parallel_size=8")
 
 
+def _layout_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", choices=["best"],
+                   help="best: the top row of `launcher plan --search` (its overrides go after yours)")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="launcher", description="Plan, render and submit megatron-core MoE SFT jobs.")
     top.add_argument("--version", action="version", version=f"moe-launcher {__version__}")
@@ -27,15 +32,20 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="exit 0 when the job can run, 2 when it cannot")
     _job_args(p)
-    p = sub.add_parser("plan", help="parallel layout and memory per GPU")
+    p = sub.add_parser("plan", help="parallel layout and memory per GPU; --search: every layout that fits, ranked")
     _job_args(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object (with --search: a list, best first)")
+    p.add_argument("--search", action="store_true",
+                   help="rank every layout megatron-core accepts on the recipe's GPUs by estimated speed")
+    p.add_argument("--top", type=int, default=10, help="rows to show with --search (default 10; 0: all)")
     p = sub.add_parser("render", help="write the job spec(s)")
     _job_args(p)
+    _layout_arg(p)
     p.add_argument("-o", "--output", type=Path, help="folder to write into; without it the spec goes to stdout")
     p = sub.add_parser("submit", help="submit the job")
     _job_args(p)
     p.add_argument("--dry-run", action="store_true", help="render and print what would be submitted")
+    _layout_arg(p)
     how = p.add_mutually_exclusive_group()
     how.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 if it failed")
     how.add_argument("--follow", action="store_true", help="stream the job's log until it ends")
@@ -97,7 +107,25 @@ def _prepare(args, require_ok=True):
 
     for text in args.overrides:  # reject malformed overrides before reading any file
         parse_override(text)
+    if getattr(args, "layout", None) == "best":
+        result = _search(args)
+        if not result.candidates:
+            raise UserError(f"{args.recipe}: --layout best: no layout fits; run `launcher plan {args.recipe} "
+                            f"--cluster {args.cluster} --search` to see what would")
+        args.overrides = [*args.overrides, *result.candidates[0].overrides]
+        print(f"layout: {' '.join(result.candidates[0].overrides)}", file=sys.stderr)
     return prepare_job(args.recipe, args.cluster, args.overrides, require_ok=require_ok)
+
+
+def _search(args):
+    from launcher.cluster import load_cluster
+    from launcher.plan.models import read_model
+    from launcher.plan.search import search_layouts
+    from launcher.recipe import load_recipe
+
+    cluster = load_cluster(args.cluster)
+    recipe = load_recipe(args.recipe, args.overrides)
+    return search_layouts(recipe, cluster, read_model(recipe.model.path, args.recipe))
 
 
 def cmd_validate(args) -> int:
@@ -112,12 +140,73 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    if args.search:
+        return cmd_search(args)
     job = _prepare(args, require_ok=False)
     if args.json:
         print(json.dumps(job.plan.to_dict(), sort_keys=False))
     else:
         print(plan_text(job))
     return EXIT_OK
+
+
+def cmd_search(args) -> int:
+    from launcher.cluster import load_cluster
+    from launcher.plan.models import read_model
+    from launcher.plan.search import fewest_nodes, search_layouts
+    from launcher.recipe import load_recipe
+    from launcher.schema import parse_override
+
+    for text in args.overrides:
+        parse_override(text)
+    cluster = load_cluster(args.cluster)
+    recipe = load_recipe(args.recipe, args.overrides)
+    model = read_model(recipe.model.path, args.recipe)
+    result = search_layouts(recipe, cluster, model)
+    rows = result.candidates[:args.top] if args.top > 0 else result.candidates
+    if args.json:
+        print(json.dumps([c.to_dict() for c in rows]))
+    else:
+        print(search_text(args, cluster, recipe, result, rows))
+    if result.candidates:
+        return EXIT_OK
+    unit = "process" if cluster.on_cpu else "GPU"
+    max_nodes = cluster.max_nodes or max(1, 1024 // max(cluster.gpus_per_node, 1))
+    found = None if cluster.backend == "local" else fewest_nodes(recipe, cluster, model, max_nodes)
+    if found:
+        nodes, candidate = found
+        raise UserError(f"{args.recipe}: no layout fits {recipe.world_size} {unit}s of {cluster.gpu_memory_gib:g} GiB "
+                        f"even with every memory option; the fewest that fit: trainer.nnodes={nodes} "
+                        f"({nodes * cluster.gpus_per_node} GPUs), for example with "
+                        f"{' '.join(candidate.overrides)}")
+    raise UserError(f"{args.recipe}: no layout fits {recipe.world_size} {unit}s of {cluster.gpu_memory_gib:g} GiB even "
+                    f"with every memory option, nor up to {max_nodes} nodes of cluster '{cluster.name}'; "
+                    "use GPUs with more memory or a shorter data.max_length")
+
+
+def search_text(args, cluster, recipe, result, rows) -> str:
+    from launcher.plan.speed import hardware
+
+    hw = hardware(cluster)
+    lines = [f"recipe      {args.recipe} on cluster {cluster.name}: {recipe.world_size} x "
+             f"{cluster.gpu_type or 'GPU'} of {cluster.gpu_memory_gib:g} GiB; speed estimated for {hw.name} "
+             f"at {hw.mfu:.0%} of {hw.peak_tflops:g} TFLOP/s (README: how the search estimates speed)",
+             f"searched    {result.valid_layouts} layouts megatron-core accepts (with micro-batch sizes); "
+             f"{len(result.candidates)} fit",
+             ""]
+    if rows:
+        lines.append(f"{'#':>3} {'tokens/s/GPU':>12} {'GiB':>6}  {'bottleneck':<12} {'TP':>2} {'PP':>3} {'VPP':>3} "
+                     f"{'EP':>3} {'ETP':>3} {'CP':>2} {'MB':>2}  memory options")
+    for i, c in enumerate(rows, 1):
+        lay = c.layout
+        options = ", ".join(o.split(".")[-1].split("=")[0] for o in c.options) or "-"
+        lines.append(f"{i:>3} {c.speed.tokens_per_s_per_gpu:>12,.0f} {c.memory.total:>6.1f}  {c.speed.bottleneck:<12} "
+                     f"{lay.tp:>2} {lay.pp:>3} {lay.vpp:>3} {lay.ep:>3} {lay.etp:>3} {lay.cp:>2} "
+                     f"{c.micro_batch_size:>2}  {options}")
+    if rows:
+        lines += ["", f"best        launcher submit {args.recipe} --cluster {args.cluster} --layout best",
+                  f"            or these overrides: {' '.join(rows[0].overrides)}"]
+    return "\n".join(lines)
 
 
 def plan_text(job) -> str:

@@ -69,6 +69,17 @@ class KubernetesSection:
 
 
 @dataclass
+class HardwareSection:
+    # Figures for the speed estimate of `launcher plan --search`; unset ones come from the table
+    # in launcher/plan/speed.py for gpu_type (H100, H200, A100, B200).
+    peak_tflops: Optional[float] = None  # dense bf16 per GPU
+    mfu: Optional[float] = None  # fraction of the peak the trainer's matmuls reach
+    nvlink_gb_s: Optional[float] = None  # per GPU inside a node, as collectives achieve it
+    network_gb_s: Optional[float] = None  # per GPU across nodes
+    host_gb_s: Optional[float] = None  # GPU <-> host memory
+
+
+@dataclass
 class Cluster:
     name: str
     backend: str = choices("local", "slurm", "kubernetes")
@@ -83,6 +94,7 @@ class Cluster:
     env: dict[str, str] = field(default_factory=dict)  # NCCL/UCX settings for every job
     slurm: SlurmSection = field(default_factory=SlurmSection)
     kubernetes: KubernetesSection = field(default_factory=KubernetesSection)
+    hardware: HardwareSection = field(default_factory=HardwareSection)
     source: str = ""  # the file this came from (set when loading)
 
     @property

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from launcher.cluster import Cluster
 from launcher.errors import UserError
 from launcher.plan.layout import Layout, plan_layout
-from launcher.plan.memory import Memory, estimate_memory
+from launcher.plan.memory import Memory, estimate_memory, memory_budget
 from launcher.plan.models import ModelDims
 from launcher.recipe import Recipe
 
@@ -47,11 +47,8 @@ def make_plan(recipe: Recipe, cluster: Cluster, model: ModelDims) -> Plan:
     if cluster.max_nodes and trainer.nnodes > cluster.max_nodes:
         problems.append(f"trainer.nnodes={trainer.nnodes}: cluster '{cluster.name}' has at most "
                         f"{cluster.max_nodes} nodes")
-    if cluster.on_cpu:
-        capacity = cluster.gpu_memory_gib / trainer.n_gpus_per_node
-        memory = estimate_memory(recipe, model, layout, capacity, overhead_gib=0.5)
-    else:
-        memory = estimate_memory(recipe, model, layout, cluster.gpu_memory_gib)
+    capacity, overhead = memory_budget(recipe, cluster)
+    memory = estimate_memory(recipe, model, layout, capacity, overhead_gib=overhead)
     if not memory.fits:
         problems.append(_memory_problem(recipe, cluster, memory))
     return Plan(model=model, layout=layout, memory=memory, problems=tuple(problems))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from launcher.cluster import Cluster
 from launcher.plan.layout import Layout
 from launcher.plan.models import ModelDims
 from launcher.recipe import Recipe
@@ -69,7 +70,7 @@ def stage_params(model: ModelDims, layout: Layout, stage: int, mtp: int = 0) -> 
     the last stage, as megatron-core places them."""
     start = sum(layout.stage_layers[:stage])
     layers = range(start, start + layout.stage_layers[stage])
-    moe = sum(1 for i in layers if i in set(model.moe_layers))
+    moe = len(set(layers).intersection(model.moe_layers))
     dense_layers = len(layers) - moe
     attn_tp, attn_rep = model.attention_params()
     tp = layout.tp
@@ -121,10 +122,25 @@ def layer_activation_bytes(model: ModelDims, layout: Layout, recipe: Recipe, moe
     return attn + mlp
 
 
+def memory_budget(recipe: Recipe, cluster: Cluster) -> tuple[float, float]:
+    """(capacity, fixed allowance) in GiB per GPU; on CPU clusters per process, out of the
+    host memory the profile gives all processes together."""
+    if cluster.on_cpu:
+        return cluster.gpu_memory_gib / recipe.trainer.n_gpus_per_node, 0.5
+    return cluster.gpu_memory_gib, OVERHEAD_GIB
+
+
 def estimate_memory(recipe: Recipe, model: ModelDims, layout: Layout, capacity_gib: float,
                     overhead_gib: float = OVERHEAD_GIB) -> Memory:
+    """The fullest pipeline stage's memory."""
+    return max(stage_memories(recipe, model, layout, capacity_gib, overhead_gib), key=lambda m: m.total)
+
+
+def stage_memories(recipe: Recipe, model: ModelDims, layout: Layout, capacity_gib: float,
+                   overhead_gib: float = OVERHEAD_GIB) -> list[Memory]:
+    """Memory per GPU of each pipeline stage, first to last."""
     meg = recipe.megatron
-    best = None
+    stages = []
     for stage in range(layout.pp):
         dense, expert = stage_params(model, layout, stage, _mtp_layers(recipe, model))
         params = 2 * (dense + expert)
@@ -137,21 +153,20 @@ def estimate_memory(recipe: Recipe, model: ModelDims, layout: Layout, capacity_g
         if meg.optimizer_offload:
             optim = 0.0
         acts = _stage_activations(recipe, model, layout, stage)
-        mem = Memory(params=params / GIB, grads=grads / GIB, optimizer=optim / GIB, activations=acts / GIB,
-                     overhead=overhead_gib, capacity=capacity_gib, stage=stage,
-                     optimizer_on_host=on_host / GIB, params_per_gpu=int(dense + expert))
-        if best is None or mem.total > best.total:
-            best = mem
-    return best
+        stages.append(Memory(params=params / GIB, grads=grads / GIB, optimizer=optim / GIB, activations=acts / GIB,
+                             overhead=overhead_gib, capacity=capacity_gib, stage=stage,
+                             optimizer_on_host=on_host / GIB, params_per_gpu=int(dense + expert)))
+    return stages
 
 
 def _stage_activations(recipe: Recipe, model: ModelDims, layout: Layout, stage: int) -> float:
     start = sum(layout.stage_layers[:stage])
     layers = range(start, start + layout.stage_layers[stage])
-    moe_set = set(model.moe_layers)
-    per_layer = [layer_activation_bytes(model, layout, recipe, i in moe_set) for i in layers]
     mtp = _mtp_layers(recipe, model) if stage == layout.pp - 1 else 0
-    per_layer += [layer_activation_bytes(model, layout, recipe, True)] * mtp
+    moe = len(set(layers).intersection(model.moe_layers)) + mtp
+    dense = len(layers) + mtp - moe
+    per_layer = ([layer_activation_bytes(model, layout, recipe, True)] * moe
+                 + [layer_activation_bytes(model, layout, recipe, False)] * dense)
     in_flight = min(layout.pp - stage, layout.num_microbatches) if layout.pp > 1 else 1
     s = recipe.data.max_length / layout.cp
     b = recipe.data.micro_batch_size

@@ -1,0 +1,158 @@
+"""Measured tokens/s of parallel layouts against the layout search's estimates.
+
+On a GPU machine (several GPUs of one host):
+
+    python3 bench/layouts.py run NAME --gpus 2 --layouts ep2,pp2,tp2,tp2-etp2,cp2 --calibrate 2,4,8
+
+runs `qwen3_moe_8l` on one GPU at the --calibrate micro-batch sizes and on --gpus GPUs in each
+layout (tp/etp/ep/pp/cp/vpp and a size, joined by '-'; ETP defaults to 1), 8 rows of 4096 tokens
+per GPU a step, one long sample per row (the attention work the estimate assumes), and writes
+the measurements to $OUT/NAME.json. Then, on any machine:
+
+    python3 bench/layouts.py compare bench/results/NAME.json
+
+fits the speed model's two measured constants (mfu, layer_overhead_ms) to the one-GPU rows only,
+estimates every multi-GPU row with `launcher.plan.speed`, and writes NAME_check.json beside it:
+the measured and estimated order and each estimate's error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+MODEL = REPO / "bench" / "models" / "qwen3_moe_8l"
+ROWS_PER_GPU = 8
+
+
+def layout_overrides(spec: str) -> list[str]:
+    sizes = {"tp": 1, "etp": 1, "ep": 1, "pp": 1, "cp": 1, "vpp": 1}
+    for part in spec.split("-"):
+        key = part.rstrip("0123456789")
+        sizes[key] = int(part[len(key):])
+    m = "megatron."
+    return [f"{m}tensor_model_parallel_size={sizes['tp']}", f"{m}expert_tensor_parallel_size={sizes['etp']}",
+            f"{m}expert_model_parallel_size={sizes['ep']}", f"{m}pipeline_model_parallel_size={sizes['pp']}",
+            f"{m}context_parallel_size={sizes['cp']}", f"{m}sequence_parallel={str(sizes['tp'] > 1).lower()}",
+            f"{m}virtual_pipeline_model_parallel_size={sizes['vpp'] if sizes['vpp'] > 1 else 'null'}"]
+
+
+def recipe_overrides(gpus: int, mb: int, layout: list[str], data_file: str) -> list[str]:
+    return [f"model.path={MODEL}", f"trainer.n_gpus_per_node={gpus}", f"data.micro_batch_size={mb}",
+            f"data.global_batch_size={ROWS_PER_GPU * gpus}", f"data.train_files={data_file}",
+            "data.truncation=right", *layout]
+
+
+def run(args) -> None:
+    import gpu_speed
+    import torch
+
+    out = Path(os.environ.get("OUT", REPO / "bench" / "out"))
+    out.mkdir(parents=True, exist_ok=True)
+    gpu_speed.STEPS = args.steps
+    data = str(gpu_speed.long_samples(Path("/tmp/bench-long.parquet")))
+    result = {"device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}, one host",
+              "versions": gpu_speed.versions(), "model": "bench/models/qwen3_moe_8l", "sequence": 4096,
+              "rows_per_gpu": ROWS_PER_GPU, "data": "one long sample per row (data.truncation=right)", "rows": []}
+    plan = [(1, mb, "single") for mb in map(int, args.calibrate.split(",") if args.calibrate else [])]
+    plan += [(args.gpus, args.mb, spec) for spec in args.layouts.split(",") if spec]
+    for gpus, mb, spec in plan:
+        layout = layout_overrides("ep1" if spec == "single" else spec)
+        # run_ours puts its own batch and EP first; ours come after and win
+        overrides = recipe_overrides(gpus, mb, layout, data)
+        row = gpu_speed.run_ours(f"{spec}-g{gpus}", MODEL, mb, overrides[1:], gpus=gpus)
+        row.update(layout=spec, recipe_overrides=overrides)
+        result["rows"].append(row)
+        print(json.dumps({k: row.get(k) for k in ("layout", "gpus", "micro_batch_size", "tokens_per_s",
+                                                 "peak_mem_gib", "error")}), flush=True)
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+
+
+_PLANS: dict = {}
+
+
+def estimate(row: dict, gpus_per_node: int, gpu_type: str, mfu: float, overhead_ms: float) -> dict:
+    from launcher.cluster import Cluster, HardwareSection
+    from launcher.plan.layout import plan_layout
+    from launcher.plan.models import read_model
+    from launcher.plan.speed import estimate_speed, hardware
+    from launcher.recipe import load_recipe
+
+    key = tuple(row["recipe_overrides"])
+    if key not in _PLANS:
+        recipe = load_recipe(REPO / "bench" / "qwen3_moe_mid.yaml", row["recipe_overrides"])
+        model = read_model(recipe.model.path)
+        _PLANS[key] = recipe, model, plan_layout(recipe, model, gpus_per_node)
+    recipe, model, layout = _PLANS[key]
+    cluster = Cluster(name="bench", backend="local", gpus_per_node=gpus_per_node, gpu_type=gpu_type,
+                      hardware=HardwareSection(mfu=mfu))
+    hw = hardware(cluster)
+    hw = type(hw)(**{**hw.__dict__, "layer_overhead_ms": overhead_ms})
+    speed = estimate_speed(recipe, model, layout, hw, gpus_per_node)
+    return {"tokens_per_s_per_gpu": round(speed.tokens_per_s_per_gpu, 1), "bottleneck": speed.bottleneck,
+            "parts_s": speed.parts}
+
+
+def compare(args) -> None:
+    path = Path(args.results)
+    result = json.loads(path.read_text())
+    gpu_type = result["device"].split(" x ", 1)[1]
+    rows = [r for r in result["rows"] if "tokens_per_s" in r]
+    single = [r for r in rows if r["gpus"] == 1]
+    multi = [r for r in rows if r["gpus"] > 1]
+    gpus = max(r["gpus"] for r in rows)
+
+    def error(r, mfu, overhead):
+        est = estimate(r, gpus, gpu_type, mfu, overhead)["tokens_per_s_per_gpu"]
+        return abs(est / r["tokens_per_s"] - 1)
+
+    # Fit the two measured constants on the one-GPU rows only (a grid: the model is cheap).
+    grid = [(m / 100, o / 4) for m in range(10, 71) for o in range(0, 41)]
+    mfu, overhead = min(grid, key=lambda g: sum(error(r, *g) ** 2 for r in single))
+    check = {"source": path.name, "device": result["device"], "fitted_on_one_gpu": {"mfu": mfu,
+             "layer_overhead_ms": overhead}, "rows": []}
+    for r in rows:
+        est = estimate(r, gpus, gpu_type, mfu, overhead)
+        check["rows"].append({"layout": r["layout"], "gpus": r["gpus"], "micro_batch_size": r["micro_batch_size"],
+                              "measured_tokens_per_s_per_gpu": r["tokens_per_s"],
+                              "estimated_tokens_per_s_per_gpu": est["tokens_per_s_per_gpu"],
+                              "error": round(est["tokens_per_s_per_gpu"] / r["tokens_per_s"] - 1, 3),
+                              "bottleneck": est["bottleneck"], "estimate_parts_s": est["parts_s"]})
+    by_measured = [r["layout"] for r in sorted(multi, key=lambda r: -r["tokens_per_s"])]
+    estimated = {c["layout"]: c["estimated_tokens_per_s_per_gpu"] for c in check["rows"] if c["gpus"] > 1}
+    by_estimate = sorted(estimated, key=lambda k: -estimated[k])
+    check.update(order_measured=by_measured, order_estimated=by_estimate, same_order=by_measured == by_estimate,
+                 worst_multi_gpu_error=max((abs(c["error"]) for c in check["rows"] if c["gpus"] > 1), default=None))
+    out = path.with_name(path.stem + "_check.json")
+    out.write_text(json.dumps(check, indent=1))
+    for c in check["rows"]:
+        print(f"{c['layout']:>10} x{c['gpus']} mb{c['micro_batch_size']}: measured {c['measured_tokens_per_s_per_gpu']:>9,.0f}"
+              f"  estimated {c['estimated_tokens_per_s_per_gpu']:>9,.0f}  ({c['error']:+.0%}, {c['bottleneck']})")
+    print("measured order ", " > ".join(by_measured))
+    print("estimated order", " > ".join(by_estimate), "(same)" if check["same_order"] else "(differs)")
+    print("wrote", out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("name")
+    p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--layouts", default="ep2,pp2,tp2,tp2-etp2,cp2")
+    p.add_argument("--calibrate", default="2,4,8", help="one-GPU micro-batch sizes")
+    p.add_argument("--mb", type=int, default=4, help="micro-batch size of the multi-GPU layouts")
+    p.add_argument("--steps", type=int, default=8)
+    p = sub.add_parser("compare")
+    p.add_argument("results")
+    args = parser.parse_args()
+    {"run": run, "compare": compare}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Estimated step time of a layout: compute, communication, pipeline bubble, optimizer.
+
+A model a reader can check by hand (README, "How the search estimates speed"). Per optimizer
+step, on the slowest pipeline stage of one GPU:
+
+- compute: the stage's FLOPs (6 x matmul parameters per token, plus causal attention over
+  full rows, x 4/3 with full recompute) spread evenly over the TP x CP GPUs of a replica, at
+  the GPU's peak times the utilisation the trainer measured (`Hardware.mfu`); the routed
+  experts' grouped products lose efficiency as the tokens per expert shrink
+  (t / (t + EXPERT_TOKENS_HALF)), plus a fixed host time per layer and micro-batch (the
+  trainer launches its kernels from Python);
+- communication, not overlapped with compute (the trainer runs megatron-core's DDP without
+  overlap): EP all-to-all of the routed tokens (4 per MoE layer and micro-batch), TP/SP
+  all-gathers and reduce-scatters (4 per attention block and per TP-split MLP), CP's key/value
+  all-gather and its gradient's reduce-scatter, PP's activations between stages, and once per
+  step the distributed optimizer's gradient reduce-scatter and parameter all-gather over
+  data-parallel ranks; over NVLink while the group stays inside a node, else the network;
+- PP bubble: (PP - 1) / VPP micro-batch times on top of the micro-batches of the step (1F1B);
+- optimizer: Adam over this GPU's shard from GPU memory, or with optimizer_offload over PCIe
+  and the host's CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, replace
+
+from launcher.cluster import Cluster
+from launcher.plan.layout import Layout
+from launcher.plan.memory import stage_params
+from launcher.plan.models import ModelDims
+from launcher.recipe import Recipe
+
+EXPERT_TOKENS_HALF = 256  # tokens per expert at which a grouped product runs at half its best
+LATENCY_S = {"nvlink": 20e-6, "network": 40e-6}  # per collective
+ADAM_BYTES_PER_PARAM = 32  # read grad (4), master, m, v (12) and write them back (12), write bf16 weight (2), slack
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_tflops: float  # dense bf16, the vendor's figure
+    mfu: float  # of the peak, what the trainer's matmuls reach (bench/results, one GPU, long rows)
+    layer_overhead_ms: float  # host time per layer per micro-batch, forward and backward
+    hbm_tb_s: float
+    nvlink_gb_s: float  # per GPU, achieved by collectives inside a node
+    network_gb_s: float  # per GPU, achieved across nodes (400 Gb/s InfiniBand per GPU)
+    host_gb_s: float  # PCIe to host memory, per GPU
+    host_adam_gparams_s: float  # CPU Adam throughput per GPU's share of the host
+
+
+# H100 and H200 share the compute and NVLink figures; the H200 has faster memory. The mfu and
+# overhead come from the benchmark (bench/results/layouts_*.json: the one-GPU rows of
+# qwen3_moe_8l, long rows, fitted over micro-batches 2, 4 and 8), the rest from the datasheets
+# at the fraction collectives reach in practice.
+GPUS = {
+    "H100": Hardware("H100", 989.0, 0.36, 2.0, 3.35, 300.0, 40.0, 25.0, 0.5),
+    "H200": Hardware("H200", 989.0, 0.36, 2.0, 4.8, 300.0, 40.0, 25.0, 0.5),
+    "A100": Hardware("A100", 312.0, 0.40, 2.0, 2.0, 200.0, 20.0, 20.0, 0.5),
+    "B200": Hardware("B200", 2250.0, 0.30, 2.0, 8.0, 600.0, 40.0, 50.0, 0.5),
+}
+DEFAULT_GPU = "H100"
+
+
+def hardware(cluster: Cluster) -> Hardware:
+    """The table's entry whose name appears in the profile's gpu_type (H100 when none does),
+    with the figures the profile's `hardware` section gives over it."""
+    gpu_type = cluster.gpu_type or ""
+    name = next((n for n in GPUS if n.lower() in gpu_type.lower()), DEFAULT_GPU)
+    given = {k: v for k, v in dataclasses.asdict(cluster.hardware).items() if v is not None}
+    return replace(GPUS[name], **given)
+
+
+@dataclass(frozen=True)
+class Speed:
+    step_s: float
+    tokens_per_s_per_gpu: float
+    parts: dict  # seconds per step by cost: compute, ep_alltoall, tp_comm, cp_comm, pp_bubble, ...
+
+    @property
+    def bottleneck(self) -> str:
+        return max(self.parts, key=self.parts.get)
+
+
+def flops_per_token(model: ModelDims, seq: int, moe: bool) -> tuple[float, float]:
+    """(dense, expert) training FLOPs of one layer for one token: 6 per matmul parameter, and
+    causal attention over a full row of `seq` tokens (a token attends to seq / 2 keys)."""
+    attn_tp, attn_rep = model.attention_params()
+    if model.mla:
+        qk, v, heads = model.qk_nope_dim + model.qk_rope_dim, model.v_head_dim, model.num_heads
+    else:
+        qk = v = model.head_dim
+        heads = model.num_heads
+    attention = 6 * (attn_tp + attn_rep) + 6 * heads * (qk + v) * seq / 2
+    if not moe:
+        return attention + 6 * model.dense_mlp_params(), 0.0
+    router = 6 * model.num_experts * model.hidden
+    shared = 6 * model.shared_expert_params()
+    return attention + router + shared, 6 * model.topk * model.expert_params()
+
+
+def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardware, gpus_per_node: int) -> Speed:
+    seq, mbs = recipe.data.max_length, recipe.data.micro_batch_size
+    tp, cp, pp, ep, etp = layout.tp, layout.cp, layout.pp, layout.ep, layout.etp
+    bf16 = 2
+    peak = hw.peak_tflops * 1e12 * hw.mfu
+    node = max(gpus_per_node, 1)
+
+    def link(group_span: int) -> tuple[float, float]:  # (bytes/s, latency) for a group this wide
+        if group_span <= node:
+            return hw.nvlink_gb_s * 1e9, LATENCY_S["nvlink"]
+        return hw.network_gb_s * 1e9, LATENCY_S["network"]
+
+    def collective(nbytes: float, ranks: int, span: int, count: int) -> float:
+        if ranks == 1:
+            return 0.0
+        bw, latency = link(span)
+        return count * (nbytes * (ranks - 1) / ranks / bw + latency)
+
+    tokens = mbs * seq  # one micro-batch of one data-parallel replica
+    rank_tokens = tokens / (cp * (tp if layout.sequence_parallel else 1))  # hidden states a rank holds
+    per_expert = tokens / cp * model.topk * ep * etp / (tp * model.num_experts)
+    expert_eff = per_expert / (per_expert + EXPERT_TOKENS_HALF)
+    dense_moe, expert_moe = flops_per_token(model, seq, True)
+    dense_plain, _ = flops_per_token(model, seq, False)
+    recompute = 4 / 3 if recipe.model.enable_gradient_checkpointing else 1.0
+    moe_set = set(model.moe_layers)
+    mtp = model.mtp_layers if recipe.model.enable_mtp else 0
+    kv_width = (model.num_heads * (model.qk_nope_dim + model.qk_rope_dim + model.v_head_dim) if model.mla
+                else 2 * model.num_kv_heads * model.head_dim) / tp
+
+    stage_times, parts = [], []
+    start = 0
+    for stage, count in enumerate(layout.stage_layers):
+        layers = range(start, start + count)
+        start += count
+        n_moe = len(moe_set.intersection(layers)) + (mtp if stage == pp - 1 else 0)
+        n_dense = count - len(moe_set.intersection(layers))
+        flops_dense = tokens * (n_moe * dense_moe + n_dense * dense_plain) * recompute
+        flops_expert = tokens * n_moe * expert_moe * recompute
+        if stage == pp - 1:  # output layer(s) and loss
+            flops_dense += tokens * (1 + mtp) * 6 * model.hidden * model.vocab
+        compute = (flops_dense + flops_expert / expert_eff) / (tp * cp) / peak
+        compute += (n_moe + n_dense) * hw.layer_overhead_ms / 1e3
+        n_layers = n_moe + n_dense
+        hidden_bytes = tokens / cp * model.hidden * bf16
+        tp_comm = collective(hidden_bytes, tp, tp, 4 * n_layers + 4 * n_dense
+                             + (4 * n_moe if etp > 1 else 0) + (4 * n_moe if model.shared_ffn else 0))
+        ep_comm = collective(rank_tokens * model.topk * model.hidden * bf16, ep, etp * ep, 4 * n_moe)
+        cp_comm = collective(tokens * kv_width * bf16, cp, tp * cp, 2 * n_layers)
+        pp_comm = collective(rank_tokens * model.hidden * bf16 * 2, 2, tp * cp * layout.dp * 2, 2) if pp > 1 else 0.0
+        stage_parts = {"compute": compute, "ep_alltoall": ep_comm, "tp_comm": tp_comm, "cp_comm": cp_comm,
+                       "pp_comm": pp_comm}
+        parts.append(stage_parts)
+        stage_times.append(sum(stage_parts.values()))
+
+    slowest = max(range(pp), key=lambda k: stage_times[k])
+    m = layout.num_microbatches
+    per_step = {k: v * m for k, v in parts[slowest].items()}
+    per_step["pp_bubble"] = (pp - 1) / layout.vpp * sum(stage_times) / pp if pp > 1 else 0.0
+
+    # Once per step: gradient reduce-scatter and parameter all-gather, then Adam on the shard.
+    dense, expert = stage_params(model, layout, slowest, mtp)
+    meg = recipe.megatron
+    grad_bytes = 4 if meg.grad_reduce_in_fp32 else 2
+    dense_group, expert_group = layout.dp * layout.cp, layout.edp
+    reduce = (collective(dense * (grad_bytes + bf16), dense_group, tp * dense_group, 1)
+              + collective(expert * (grad_bytes + bf16), expert_group, etp * ep * expert_group, 1))
+    shard = dense / dense_group + expert / expert_group if meg.use_distributed_optimizer else dense + expert
+    if meg.optimizer_offload:
+        per_step["host_offload"] = (shard * (grad_bytes + bf16) / (hw.host_gb_s * 1e9)
+                                    + shard / (hw.host_adam_gparams_s * 1e9))
+    else:
+        per_step["optimizer"] = shard * ADAM_BYTES_PER_PARAM / (hw.hbm_tb_s * 1e12)
+    per_step["grad_reduce"] = reduce
+    step = sum(per_step.values())
+    step_tokens = recipe.data.global_batch_size * seq
+    return Speed(step_s=step, tokens_per_s_per_gpu=step_tokens / step / layout.world_size,
+                 parts={k: round(v, 6) for k, v in per_step.items()})
