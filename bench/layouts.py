@@ -19,6 +19,7 @@ the measured and estimated order and each estimate's error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -76,8 +77,8 @@ def run(args) -> None:
 _PLANS: dict = {}
 
 
-def estimate(row: dict, gpus_per_node: int, gpu_type: str, mfu: float, overhead_ms: float) -> dict:
-    from launcher.cluster import Cluster, HardwareSection
+def estimate(row: dict, gpus_per_node: int, gpu_type: str, fitted: dict) -> dict:
+    from launcher.cluster import Cluster
     from launcher.plan.layout import plan_layout
     from launcher.plan.models import read_model
     from launcher.plan.speed import estimate_speed, hardware
@@ -89,16 +90,31 @@ def estimate(row: dict, gpus_per_node: int, gpu_type: str, mfu: float, overhead_
         model = read_model(recipe.model.path)
         _PLANS[key] = recipe, model, plan_layout(recipe, model, gpus_per_node)
     recipe, model, layout = _PLANS[key]
-    cluster = Cluster(name="bench", backend="local", gpus_per_node=gpus_per_node, gpu_type=gpu_type,
-                      hardware=HardwareSection(mfu=mfu))
-    hw = hardware(cluster)
-    hw = type(hw)(**{**hw.__dict__, "layer_overhead_ms": overhead_ms})
+    hw = dataclasses.replace(hardware(Cluster(name="bench", backend="local", gpu_type=gpu_type)), **fitted)
     speed = estimate_speed(recipe, model, layout, hw, gpus_per_node)
     return {"tokens_per_s_per_gpu": round(speed.tokens_per_s_per_gpu, 1), "bottleneck": speed.bottleneck,
             "parts_s": speed.parts}
 
 
+def fit(rows: list[dict], gpus: int, gpu_type: str, grid: dict, fixed: dict) -> dict:
+    """The grid point (every combination of grid's values, over `fixed`) with the least squared
+    relative error on `rows`."""
+    import itertools
+
+    names = list(grid)
+    best, best_error = None, None
+    for values in itertools.product(*grid.values()):
+        point = {**fixed, **dict(zip(names, values))}
+        error = sum((estimate(r, gpus, gpu_type, point)["tokens_per_s_per_gpu"] / r["tokens_per_s"] - 1) ** 2
+                    for r in rows)
+        if best_error is None or error < best_error:
+            best, best_error = point, error
+    return best
+
+
 def compare(args) -> None:
+    """Constants fitted on the one-GPU rows (matmul utilisation, host time per layer) and on the
+    --fit-on files' multi-GPU rows (collective and EP sync times); every row estimated."""
     path = Path(args.results)
     result = json.loads(path.read_text())
     gpu_type = result["device"].split(" x ", 1)[1]
@@ -106,18 +122,21 @@ def compare(args) -> None:
     single = [r for r in rows if r["gpus"] == 1]
     multi = [r for r in rows if r["gpus"] > 1]
     gpus = max(r["gpus"] for r in rows)
-
-    def error(r, mfu, overhead):
-        est = estimate(r, gpus, gpu_type, mfu, overhead)["tokens_per_s_per_gpu"]
-        return abs(est / r["tokens_per_s"] - 1)
-
-    # Fit the two measured constants on the one-GPU rows only (a grid: the model is cheap).
-    grid = [(m / 100, o / 4) for m in range(10, 71) for o in range(0, 41)]
-    mfu, overhead = min(grid, key=lambda g: sum(error(r, *g) ** 2 for r in single))
-    check = {"source": path.name, "device": result["device"], "fitted_on_one_gpu": {"mfu": mfu,
-             "layer_overhead_ms": overhead}, "rows": []}
+    fitted = fit(single, gpus, gpu_type, {"mfu": [m / 100 for m in range(10, 71)],
+                                          "layer_overhead_ms": [o / 4 for o in range(0, 41)]}, {})
+    fit_rows = []
+    for other in args.fit_on:
+        data = json.loads(Path(other).read_text())
+        fit_rows += [r for r in data["rows"] if "tokens_per_s" in r and r["gpus"] > 1]
+    fitted_on = "one-GPU rows of this file" + (f"; collectives on the multi-GPU rows of {', '.join(Path(f).name for f in args.fit_on)}"
+                                              if args.fit_on else "")
+    if fit_rows:
+        fit_gpus = max(r["gpus"] for r in fit_rows)
+        fitted = fit(fit_rows, fit_gpus, gpu_type, {"collective_ms": [c / 10 for c in range(0, 31)],
+                                                    "ep_sync_ms": [c / 2 for c in range(0, 21)]}, fitted)
+    check = {"source": path.name, "device": result["device"], "fitted": fitted, "fitted_on": fitted_on, "rows": []}
     for r in rows:
-        est = estimate(r, gpus, gpu_type, mfu, overhead)
+        est = estimate(r, gpus, gpu_type, fitted)
         check["rows"].append({"layout": r["layout"], "gpus": r["gpus"], "micro_batch_size": r["micro_batch_size"],
                               "measured_tokens_per_s_per_gpu": r["tokens_per_s"],
                               "estimated_tokens_per_s_per_gpu": est["tokens_per_s_per_gpu"],
@@ -130,6 +149,7 @@ def compare(args) -> None:
                  worst_multi_gpu_error=max((abs(c["error"]) for c in check["rows"] if c["gpus"] > 1), default=None))
     out = path.with_name(path.stem + "_check.json")
     out.write_text(json.dumps(check, indent=1))
+    print("fitted", fitted, "on", fitted_on)
     for c in check["rows"]:
         print(f"{c['layout']:>10} x{c['gpus']} mb{c['micro_batch_size']}: measured {c['measured_tokens_per_s_per_gpu']:>9,.0f}"
               f"  estimated {c['estimated_tokens_per_s_per_gpu']:>9,.0f}  ({c['error']:+.0%}, {c['bottleneck']})")
@@ -150,6 +170,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p = sub.add_parser("compare")
     p.add_argument("results")
+    p.add_argument("--fit-on", nargs="*", default=[], help="results files whose multi-GPU rows fit the "
+                   "collective constants (the results' own rows are then only checked)")
     args = parser.parse_args()
     {"run": run, "compare": compare}[args.command](args)
 

@@ -146,12 +146,18 @@ def first_step(model, batch: dict, group=None) -> dict:
         dist.all_reduce(sums, group=group)
     (total / sums[1]).backward()
     squares = torch.zeros((), device="cuda")
-    for param in model.parameters():
+    parts: dict[str, float] = {}  # squared gradient norm by kind of weight: where two paths differ
+    for name, param in model.named_parameters():
         if param.grad is not None:
             if group is not None:
                 dist.all_reduce(param.grad, group=group)
-            squares += param.grad.float().pow(2).sum()
-    return {"loss": float(sums[0] / sums[1]), "grad_norm": float(squares.sqrt())}
+            square = param.grad.float().pow(2).sum()
+            squares += square
+            kind = next((k for k in ("embedding", "output_layer", "router", "experts", "linear_qkv", "linear_q",
+                                     "linear_kv", "linear_proj", "linear_fc", "norm") if k in name), "other")
+            parts[kind] = parts.get(kind, 0.0) + float(square)
+    return {"loss": float(sums[0] / sums[1]), "grad_norm": float(squares.sqrt()),
+            "grad_norm_by_kind": {k: round(v ** 0.5, 5) for k, v in sorted(parts.items())}}
 
 
 def checkpoint_keys(model) -> list[str]:
@@ -284,6 +290,12 @@ def resume_checks(result: dict, family: str = "qwen3_235b_a22b") -> None:
         {"error": (out.stderr or out.stdout).strip()[-600:]}
 
 
+# With per-token loss scaling megatron-core weighs each rank's load-balancing loss by the tokens
+# it routes, so under CP (and SP) that gradient shrinks by the CP (TP) size against one GPU; the
+# CP check compares attention and everything else with that term off (as tests/test_trainer.py).
+NO_AUX_LOSS = ("model.override_config.moe_config.aux_loss_coeff=0",)
+
+
 def cp_worker(families: list[str], reference: Path, out: Path) -> None:
     """Under torchrun with two processes: CP=2 through transformer-engine, against the one-GPU
     TE-free first step on the same rows (read from `reference`)."""
@@ -299,7 +311,8 @@ def cp_worker(families: list[str], reference: Path, out: Path) -> None:
     for i, family in enumerate(families):
         try:
             hf, mcore = WORK / family / "hf", WORK / family / "mcore"
-            recipe = recipe_for(hf, mcore, family, "trainer.n_gpus_per_node=2", "megatron.context_parallel_size=2")
+            recipe = recipe_for(hf, mcore, family, "trainer.n_gpus_per_node=2", "megatron.context_parallel_size=2",
+                                *NO_AUX_LOSS)
             if i == 0:
                 setup(recipe)
             model = build(recipe, te=True)
@@ -320,12 +333,17 @@ def cp_worker(families: list[str], reference: Path, out: Path) -> None:
 
 def cp_reference(families: list[str], path: Path) -> None:
     """One GPU, TE-free: the first step on the rows that CP=2 packs (samples aligned to 4)."""
+    from megatron.core import parallel_state as ps
+
     from trainer.data.batches import collate
+    from trainer.loop import setup
 
     found = {}
     for family in families:
-        hf, mcore = WORK / family / "hf", WORK / family / "mcore"
-        recipe = recipe_for(hf, mcore, family)
+        hf, mcore = prepare(family)  # (made by the family checks when they ran first)
+        recipe = recipe_for(hf, mcore, family, *NO_AUX_LOSS)
+        if not ps.model_parallel_is_initialized():
+            setup(recipe)
         model = build(recipe, te=False)
         found[family] = first_step(model, collate(rows_of(recipe, packed=True, align=4), "cuda", "boundaries"))
         del model

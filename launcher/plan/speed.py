@@ -32,7 +32,7 @@ from launcher.plan.models import ModelDims
 from launcher.recipe import Recipe
 
 EXPERT_TOKENS_HALF = 256  # tokens per expert at which a grouped product runs at half its best
-LATENCY_S = {"nvlink": 20e-6, "network": 40e-6}  # per collective
+EXPERT_WIDTH_HALF = 256  # an expert's FFN width per ETP rank at which it runs at half its best
 ADAM_BYTES_PER_PARAM = 32  # read grad (4), master, m, v (12) and write them back (12), write bf16 weight (2), slack
 
 
@@ -42,6 +42,8 @@ class Hardware:
     peak_tflops: float  # dense bf16, the vendor's figure
     mfu: float  # of the peak, what the trainer's matmuls reach (bench/results, one GPU, long rows)
     layer_overhead_ms: float  # host time per layer per micro-batch, forward and backward
+    collective_ms: float  # fixed time of one collective inside a node (launch, latency, the stream waits); x2 across
+    ep_sync_ms: float  # per MoE layer and micro-batch under EP: the host reads the token counts before the all-to-all
     hbm_tb_s: float
     nvlink_gb_s: float  # per GPU, achieved by collectives inside a node
     network_gb_s: float  # per GPU, achieved across nodes (400 Gb/s InfiniBand per GPU)
@@ -54,10 +56,10 @@ class Hardware:
 # qwen3_moe_8l, long rows, fitted over micro-batches 2, 4 and 8), the rest from the datasheets
 # at the fraction collectives reach in practice.
 GPUS = {
-    "H100": Hardware("H100", 989.0, 0.36, 2.0, 3.35, 300.0, 40.0, 25.0, 0.5),
-    "H200": Hardware("H200", 989.0, 0.36, 2.0, 4.8, 300.0, 40.0, 25.0, 0.5),
-    "A100": Hardware("A100", 312.0, 0.40, 2.0, 2.0, 200.0, 20.0, 20.0, 0.5),
-    "B200": Hardware("B200", 2250.0, 0.30, 2.0, 8.0, 600.0, 40.0, 50.0, 0.5),
+    "H100": Hardware("H100", 989.0, 0.34, 7.25, 1.3, 7.5, 3.35, 300.0, 40.0, 25.0, 0.5),
+    "H200": Hardware("H200", 989.0, 0.34, 7.25, 1.3, 7.5, 4.8, 300.0, 40.0, 25.0, 0.5),
+    "A100": Hardware("A100", 312.0, 0.40, 7.25, 1.3, 7.5, 2.0, 200.0, 20.0, 20.0, 0.5),
+    "B200": Hardware("B200", 2250.0, 0.30, 7.25, 1.3, 7.5, 8.0, 600.0, 40.0, 50.0, 0.5),
 }
 DEFAULT_GPU = "H100"
 
@@ -108,8 +110,8 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
 
     def link(group_span: int) -> tuple[float, float]:  # (bytes/s, latency) for a group this wide
         if group_span <= node:
-            return hw.nvlink_gb_s * 1e9, LATENCY_S["nvlink"]
-        return hw.network_gb_s * 1e9, LATENCY_S["network"]
+            return hw.nvlink_gb_s * 1e9, hw.collective_ms / 1e3
+        return hw.network_gb_s * 1e9, 2 * hw.collective_ms / 1e3
 
     def collective(nbytes: float, ranks: int, span: int, count: int) -> float:
         if ranks == 1:
@@ -120,7 +122,8 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
     tokens = mbs * seq  # one micro-batch of one data-parallel replica
     rank_tokens = tokens / (cp * (tp if layout.sequence_parallel else 1))  # hidden states a rank holds
     per_expert = tokens / cp * model.topk * ep * etp / (tp * model.num_experts)
-    expert_eff = per_expert / (per_expert + EXPERT_TOKENS_HALF)
+    width = model.moe_ffn / etp
+    expert_eff = per_expert / (per_expert + EXPERT_TOKENS_HALF) * width / (width + EXPERT_WIDTH_HALF)
     dense_moe, expert_moe = flops_per_token(model, seq, True)
     dense_plain, _ = flops_per_token(model, seq, False)
     recompute = 4 / 3 if recipe.model.enable_gradient_checkpointing else 1.0
@@ -147,6 +150,7 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
         tp_comm = collective(hidden_bytes, tp, tp, 4 * n_layers + 4 * n_dense
                              + (4 * n_moe if etp > 1 else 0) + (4 * n_moe if model.shared_ffn else 0))
         ep_comm = collective(rank_tokens * model.topk * model.hidden * bf16, ep, etp * ep, 4 * n_moe)
+        ep_comm += n_moe * hw.ep_sync_ms / 1e3 if ep > 1 else 0.0
         cp_comm = collective(tokens * kv_width * bf16, cp, tp * cp, 2 * n_layers)
         pp_comm = collective(rank_tokens * model.hidden * bf16 * 2, 2, tp * cp * layout.dp * 2, 2) if pp > 1 else 0.0
         stage_parts = {"compute": compute, "ep_alltoall": ep_comm, "tp_comm": tp_comm, "cp_comm": cp_comm,
