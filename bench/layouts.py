@@ -113,48 +113,72 @@ def fit(rows: list[dict], gpus: int, gpu_type: str, grid: dict, fixed: dict) -> 
 
 
 def compare(args) -> None:
-    """Constants fitted on the one-GPU rows (matmul utilisation, host time per layer) and on the
-    --fit-on files' multi-GPU rows (collective and EP sync times); every row estimated."""
-    path = Path(args.results)
-    result = json.loads(path.read_text())
-    gpu_type = result["device"].split(" x ", 1)[1]
-    rows = [r for r in result["rows"] if "tokens_per_s" in r]
-    single = [r for r in rows if r["gpus"] == 1]
-    multi = [r for r in rows if r["gpus"] > 1]
-    gpus = max(r["gpus"] for r in rows)
-    fitted = fit(single, gpus, gpu_type, {"mfu": [m / 100 for m in range(10, 71)],
-                                          "layer_overhead_ms": [o / 4 for o in range(0, 41)]}, {})
-    fit_rows = []
-    for other in args.fit_on:
-        data = json.loads(Path(other).read_text())
-        fit_rows += [r for r in data["rows"] if "tokens_per_s" in r and r["gpus"] > 1]
-    fitted_on = "one-GPU rows of this file" + (f"; collectives on the multi-GPU rows of {', '.join(Path(f).name for f in args.fit_on)}"
-                                              if args.fit_on else "")
-    if fit_rows:
-        fit_gpus = max(r["gpus"] for r in fit_rows)
-        fitted = fit(fit_rows, fit_gpus, gpu_type, {"collective_ms": [c / 10 for c in range(0, 31)],
-                                                    "ep_sync_ms": [c / 2 for c in range(0, 21)]}, fitted)
-    check = {"source": path.name, "device": result["device"], "fitted": fitted, "fitted_on": fitted_on, "rows": []}
-    for r in rows:
-        est = estimate(r, gpus, gpu_type, fitted)
-        check["rows"].append({"layout": r["layout"], "gpus": r["gpus"], "micro_batch_size": r["micro_batch_size"],
-                              "measured_tokens_per_s_per_gpu": r["tokens_per_s"],
-                              "estimated_tokens_per_s_per_gpu": est["tokens_per_s_per_gpu"],
-                              "error": round(est["tokens_per_s_per_gpu"] / r["tokens_per_s"] - 1, 3),
-                              "bottleneck": est["bottleneck"], "estimate_parts_s": est["parts_s"]})
-    by_measured = [r["layout"] for r in sorted(multi, key=lambda r: -r["tokens_per_s"])]
-    estimated = {c["layout"]: c["estimated_tokens_per_s_per_gpu"] for c in check["rows"] if c["gpus"] > 1}
-    by_estimate = sorted(estimated, key=lambda k: -estimated[k])
-    check.update(order_measured=by_measured, order_estimated=by_estimate, same_order=by_measured == by_estimate,
-                 worst_multi_gpu_error=max((abs(c["error"]) for c in check["rows"] if c["gpus"] > 1), default=None))
-    out = path.with_name(path.stem + "_check.json")
+    """For each results file (one machine each), the matmul utilisation and host time per layer
+    fitted on its one-GPU rows; the collective and EP sync times fitted once on the multi-GPU rows
+    of all files together, and again leaving each file out (its rows then predicted, not fitted)."""
+    files = [(Path(f), json.loads(Path(f).read_text())) for f in args.results]
+    machines = []
+    for path, result in files:
+        rows = [r for r in result["rows"] if "tokens_per_s" in r]
+        gpu_type = result["device"].split(" x ", 1)[1]
+        gpus = max(r["gpus"] for r in rows)
+        single = fit([r for r in rows if r["gpus"] == 1], gpus, gpu_type,
+                     {"mfu": [m / 100 for m in range(10, 71)], "layer_overhead_ms": [o / 4 for o in range(0, 41)]}, {})
+        machines.append({"path": path, "result": result, "rows": rows, "gpu_type": gpu_type, "gpus": gpus,
+                         "single": single})
+
+    def fit_collectives(chosen):
+        import itertools
+
+        best, best_error = None, None
+        for c, e in itertools.product([c / 10 for c in range(0, 41)], [e / 2 for e in range(0, 25)]):
+            error = 0.0
+            for m in chosen:
+                point = {**m["single"], "collective_ms": c, "ep_sync_ms": e}
+                error += sum((estimate(r, m["gpus"], m["gpu_type"], point)["tokens_per_s_per_gpu"]
+                              / r["tokens_per_s"] - 1) ** 2 for r in m["rows"] if r["gpus"] > 1)
+            if best_error is None or error < best_error:
+                best, best_error = {"collective_ms": c, "ep_sync_ms": e}, error
+        return best
+
+    joint = fit_collectives(machines)
+    check = {"fitted_collectives_on_all": joint, "machines": []}
+    for m in machines:
+        held_out = fit_collectives([o for o in machines if o is not m]) if len(machines) > 1 else None
+        entry = {"source": m["path"].name, "device": m["result"]["device"], "fitted_on_one_gpu": m["single"],
+                 "collectives_fitted_without_this_machine": held_out, "rows": []}
+        for label, collectives in [("fitted", joint), ("predicted", held_out)]:
+            if collectives is None:
+                continue
+            point = {**m["single"], **collectives}
+            for r in m["rows"]:
+                est = estimate(r, m["gpus"], m["gpu_type"], point)
+                entry["rows"].append({"constants": label, "layout": r["layout"], "gpus": r["gpus"],
+                                      "micro_batch_size": r["micro_batch_size"],
+                                      "measured_tokens_per_s_per_gpu": r["tokens_per_s"],
+                                      "estimated_tokens_per_s_per_gpu": est["tokens_per_s_per_gpu"],
+                                      "error": round(est["tokens_per_s_per_gpu"] / r["tokens_per_s"] - 1, 3),
+                                      "bottleneck": est["bottleneck"], "estimate_parts_s": est["parts_s"]})
+            multi = [c for c in entry["rows"] if c["constants"] == label and c["gpus"] > 1]
+            entry[label] = {
+                "order_measured": [c["layout"] for c in sorted(multi, key=lambda c: -c["measured_tokens_per_s_per_gpu"])],
+                "order_estimated": [c["layout"] for c in sorted(multi, key=lambda c: -c["estimated_tokens_per_s_per_gpu"])],
+                "worst_error": max(abs(c["error"]) for c in multi)}
+            entry[label]["same_order"] = entry[label]["order_measured"] == entry[label]["order_estimated"]
+        check["machines"].append(entry)
+        print(f"{entry['source']} ({entry['device']}): one GPU {m['single']}")
+        for c in entry["rows"]:
+            print(f"  {c['constants']:>9} {c['layout']:>10} x{c['gpus']} mb{c['micro_batch_size']}: measured "
+                  f"{c['measured_tokens_per_s_per_gpu']:>9,.0f}  estimated {c['estimated_tokens_per_s_per_gpu']:>9,.0f}"
+                  f"  ({c['error']:+.0%}, {c['bottleneck']})")
+        for label in ("fitted", "predicted"):
+            if label in entry:
+                e = entry[label]
+                print(f"  {label}: measured {' > '.join(e['order_measured'])}; estimated "
+                      f"{' > '.join(e['order_estimated'])}; worst {e['worst_error']:.0%}")
+    print("collectives fitted on all:", joint)
+    out = Path(args.output)
     out.write_text(json.dumps(check, indent=1))
-    print("fitted", fitted, "on", fitted_on)
-    for c in check["rows"]:
-        print(f"{c['layout']:>10} x{c['gpus']} mb{c['micro_batch_size']}: measured {c['measured_tokens_per_s_per_gpu']:>9,.0f}"
-              f"  estimated {c['estimated_tokens_per_s_per_gpu']:>9,.0f}  ({c['error']:+.0%}, {c['bottleneck']})")
-    print("measured order ", " > ".join(by_measured))
-    print("estimated order", " > ".join(by_estimate), "(same)" if check["same_order"] else "(differs)")
     print("wrote", out)
 
 
@@ -169,9 +193,8 @@ def main() -> None:
     p.add_argument("--mb", type=int, default=4, help="micro-batch size of the multi-GPU layouts")
     p.add_argument("--steps", type=int, default=8)
     p = sub.add_parser("compare")
-    p.add_argument("results")
-    p.add_argument("--fit-on", nargs="*", default=[], help="results files whose multi-GPU rows fit the "
-                   "collective constants (the results' own rows are then only checked)")
+    p.add_argument("results", nargs="+", help="results files of `run`, one per machine")
+    p.add_argument("-o", "--output", default=str(REPO / "bench" / "results" / "layouts_check.json"))
     args = parser.parse_args()
     {"run": run, "compare": compare}[args.command](args)
 

@@ -184,6 +184,11 @@ def cmd_search(args) -> int:
                     "use GPUs with more memory or a shorter data.max_length")
 
 
+SHORT_OPTION_NAMES = {"megatron.grad_reduce_in_fp32=false": "bf16 grads",
+                      "model.enable_gradient_checkpointing=true": "recompute",
+                      "megatron.optimizer_offload=true": "optimizer offload"}
+
+
 def search_text(args, cluster, recipe, result, rows) -> str:
     from launcher.plan.speed import hardware
 
@@ -199,7 +204,7 @@ def search_text(args, cluster, recipe, result, rows) -> str:
                      f"{'EP':>3} {'ETP':>3} {'CP':>2} {'MB':>2}  memory options")
     for i, c in enumerate(rows, 1):
         lay = c.layout
-        options = ", ".join(o.split(".")[-1].split("=")[0] for o in c.options) or "-"
+        options = ", ".join(SHORT_OPTION_NAMES[o] for o in c.options) or "-"
         lines.append(f"{i:>3} {c.speed.tokens_per_s_per_gpu:>12,.0f} {c.memory.total:>6.1f}  {c.speed.bottleneck:<12} "
                      f"{lay.tp:>2} {lay.pp:>3} {lay.vpp:>3} {lay.ep:>3} {lay.etp:>3} {lay.cp:>2} "
                      f"{c.micro_batch_size:>2}  {options}")

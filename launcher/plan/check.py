@@ -62,7 +62,7 @@ def _memory_problem(recipe: Recipe, cluster: Cluster, memory: Memory) -> str:
         fixes.append("megatron.optimizer_offload=true")
     if recipe.data.micro_batch_size > 1:
         fixes.append("a smaller data.micro_batch_size")
-    fixes.append("more GPUs or a larger EP/PP")
+    fixes.append("more GPUs or a larger EP/PP (`launcher plan --search` lists the layouts that fit)")
     unit = "process" if cluster.on_cpu else "GPU"
     return (f"needs {memory.total:.1f} GiB per {unit} on pipeline stage {memory.stage} (params {memory.params:.1f}, "
             f"grads {memory.grads:.1f}, optimizer {memory.optimizer:.1f}, activations {memory.activations:.1f}, "

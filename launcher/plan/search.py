@@ -55,6 +55,9 @@ class SearchResult:
     candidates: list[Candidate]  # those that fit, fastest first
     valid_layouts: int  # layouts (with micro-batch sizes) megatron-core accepts
     world_size: int
+    # Overrides of the valid layouts that fit under no memory option (each at the smallest
+    # micro-batch that does not fit; larger ones are not tried)
+    too_big: list[tuple[str, ...]]
 
 
 def search_layouts(recipe: Recipe, cluster: Cluster, model: ModelDims, first_fit: bool = False) -> SearchResult:
@@ -71,6 +74,7 @@ def search_layouts(recipe: Recipe, cluster: Cluster, model: ModelDims, first_fit
     fixed_split = (recipe.megatron.num_layers_in_first_pipeline_stage is not None
                    or recipe.megatron.num_layers_in_last_pipeline_stage is not None)
     found: list[Candidate] = []
+    too_big: list[tuple[str, ...]] = []
     valid = 0
     for tp in [t for t in divisors(min(node, world)) if world % t == 0]:
         for cp in [c for c in divisors(world // tp) if c == 1 or (c & (c - 1) == 0 and seq % (2 * c * tp) == 0)]:
@@ -89,12 +93,14 @@ def search_layouts(recipe: Recipe, cluster: Cluster, model: ModelDims, first_fit
                                 best = _fastest_fit(base, model, layout, node, capacity_gib, hw, extra, first_fit,
                                                     (tp, cp, pp, vpp, ep, etp, mbs), fixed_split, bf16_only)
                                 if best is None:
+                                    too_big.append(_overrides(tp, cp, pp, vpp, ep, etp, mbs, (True, True, True),
+                                                              fixed_split))
                                     break  # a larger micro-batch needs more memory still
                                 found.append(best)
                                 if first_fit:
-                                    return SearchResult([best], valid, world)
+                                    return SearchResult([best], valid, world, too_big)
     found.sort(key=lambda c: -c.speed.tokens_per_s_per_gpu)
-    return SearchResult(found, valid, world)
+    return SearchResult(found, valid, world, too_big)
 
 
 def _fastest_fit(base: Recipe, model: ModelDims, layout: Layout, node: int, capacity: float, hw: Hardware,
@@ -104,11 +110,13 @@ def _fastest_fit(base: Recipe, model: ModelDims, layout: Layout, node: int, capa
     Recompute and offload trade speed for memory in ways that depend on the model, so each
     mix of them is estimated; bf16 gradient buffers change the numerics, so they are taken only
     where fp32 ones do not fit (or the recipe already asks for them)."""
-    plain = stage_memories(base, model, layout, capacity, **extra)
-    recomputed = stage_memories(_with_options(base, (False, True, False)), model, layout, capacity, **extra)
+    memories = {}  # by recompute
     best = None
     for recompute, offload in ([(True, True)] if first_fit else [(False, False), (True, False), (False, True), (True, True)]):
-        stages = recomputed if recompute else plain
+        if recompute not in memories:
+            memories[recompute] = stage_memories(_with_options(base, (not base.megatron.grad_reduce_in_fp32, recompute,
+                                                                      False)), model, layout, capacity, **extra)
+        stages = memories[recompute]
         for bf16_grads in ((True,) if bf16_only or first_fit else (False, True)):
             totals = [m.total - (m.grads / 2 if bf16_grads else 0) - (m.optimizer if offload else 0) for m in stages]
             if max(totals) <= capacity - 1e-9:  # (validate recomputes it: no tie may flip)
@@ -124,6 +132,8 @@ def _fastest_fit(base: Recipe, model: ModelDims, layout: Layout, node: int, capa
                 optimizer_on_host=fullest.optimizer if offload else 0.0)
             best = Candidate(overrides=_overrides(*shape, options, fixed_split), layout=layout, memory=memory,
                              speed=speed, options=_option_names(options, bf16_only))
+        if not (recompute or offload):
+            break  # neither option is needed, and each only adds time
     return best
 
 
@@ -139,8 +149,13 @@ def _variant(recipe: Recipe, tp, cp, pp, vpp, ep, etp, mbs, options) -> Recipe:
 
 def _with_options(recipe: Recipe, options) -> Recipe:
     bf16_grads, recompute, offload = options
-    meg = dataclasses.replace(recipe.megatron, grad_reduce_in_fp32=not bf16_grads, optimizer_offload=offload)
-    model = dataclasses.replace(recipe.model, enable_gradient_checkpointing=recompute)
+    meg, model = recipe.megatron, recipe.model
+    if meg.grad_reduce_in_fp32 == bf16_grads or meg.optimizer_offload != offload:
+        meg = dataclasses.replace(meg, grad_reduce_in_fp32=not bf16_grads, optimizer_offload=offload)
+    if model.enable_gradient_checkpointing != recompute:
+        model = dataclasses.replace(model, enable_gradient_checkpointing=recompute)
+    if meg is recipe.megatron and model is recipe.model:
+        return recipe
     return dataclasses.replace(recipe, megatron=meg, model=model)
 
 

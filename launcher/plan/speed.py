@@ -51,15 +51,15 @@ class Hardware:
     host_adam_gparams_s: float  # CPU Adam throughput per GPU's share of the host
 
 
-# H100 and H200 share the compute and NVLink figures; the H200 has faster memory. The mfu and
-# overhead come from the benchmark (bench/results/layouts_*.json: the one-GPU rows of
-# qwen3_moe_8l, long rows, fitted over micro-batches 2, 4 and 8), the rest from the datasheets
-# at the fraction collectives reach in practice.
+# Measured (bench/results/layouts_check.json, `bench/layouts.py compare`): mfu and layer
+# overhead fitted on one GPU of each kind (qwen3_moe_8l, one long sample per row, micro-batches 2
+# to 8); the collective and EP sync times on two H100s and four H200s together. Peaks, memory,
+# NVLink, network and PCIe figures are the datasheets' at the fraction collectives reach.
 GPUS = {
-    "H100": Hardware("H100", 989.0, 0.34, 7.25, 1.3, 7.5, 3.35, 300.0, 40.0, 25.0, 0.5),
-    "H200": Hardware("H200", 989.0, 0.34, 7.25, 1.3, 7.5, 4.8, 300.0, 40.0, 25.0, 0.5),
-    "A100": Hardware("A100", 312.0, 0.40, 7.25, 1.3, 7.5, 2.0, 200.0, 20.0, 20.0, 0.5),
-    "B200": Hardware("B200", 2250.0, 0.30, 7.25, 1.3, 7.5, 8.0, 600.0, 40.0, 50.0, 0.5),
+    "H100": Hardware("H100", 989.0, 0.34, 7.25, 1.2, 8.0, 3.35, 300.0, 40.0, 25.0, 0.5),
+    "H200": Hardware("H200", 989.0, 0.39, 3.75, 1.2, 8.0, 4.8, 300.0, 40.0, 25.0, 0.5),
+    "A100": Hardware("A100", 312.0, 0.34, 7.25, 1.2, 8.0, 2.0, 200.0, 20.0, 20.0, 0.5),  # H100's, untested
+    "B200": Hardware("B200", 2250.0, 0.34, 3.75, 1.2, 8.0, 8.0, 600.0, 40.0, 50.0, 0.5),  # likewise
 }
 DEFAULT_GPU = "H100"
 
@@ -144,7 +144,7 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
         if stage == pp - 1:  # output layer(s) and loss
             flops_dense += tokens * (1 + mtp) * 6 * model.hidden * model.vocab
         compute = (flops_dense + flops_expert / expert_eff) / (tp * cp) / peak
-        compute += (n_moe + n_dense) * hw.layer_overhead_ms / 1e3
+        compute += (n_moe + n_dense) * hw.layer_overhead_ms / 1e3 * recompute  # (recompute launches the forward again)
         n_layers = n_moe + n_dense
         hidden_bytes = tokens / cp * model.hidden * bf16
         tp_comm = collective(hidden_bytes, tp, tp, 4 * n_layers + 4 * n_dense

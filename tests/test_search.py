@@ -1,0 +1,156 @@
+"""`launcher plan --search`: every layout it returns is one `launcher validate` accepts, every
+one it rejects for memory is one validate refuses, and the ranking follows the speed model."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from launcher.cli import main
+from launcher.cluster import load_cluster
+from launcher.plan.layout import plan_layout
+from launcher.plan.models import read_model
+from launcher.plan.search import search_layouts
+from launcher.plan.speed import estimate_speed, hardware
+from launcher.recipe import load_recipe
+from tests.conftest import REPO, RECIPES, run_launcher
+
+CASES = [  # the shipped models on several cluster sizes
+    ("deepseek_v3", "slurm", []), ("deepseek_v3", "slurm-h200", ["trainer.nnodes=16"]),
+    ("qwen3_235b_a22b", "slurm", []), ("qwen3_235b_a22b", "slurm-h200", ["trainer.nnodes=2"]),
+    ("mixtral_8x7b", "slurm", []), ("mixtral_8x7b", "slurm", ["trainer.nnodes=1"]),
+    ("qwen2_moe", "slurm", []), ("qwen2_moe", "k8s", ["trainer.nnodes=2"]),
+]
+
+
+def search(name, cluster, overrides):
+    recipe = load_recipe(RECIPES / f"{name}.yaml", overrides)
+    return search_layouts(recipe, load_cluster(cluster), read_model(recipe.model.path))
+
+
+@pytest.mark.parametrize("name,cluster,overrides", CASES, ids=[f"{n}-{c}-{'-'.join(o) or 'as-shipped'}"
+                                                                for n, c, o in CASES])
+def test_every_layout_found_validates_and_every_one_rejected_does_not(name, cluster, overrides, capsys):
+    result = search(name, cluster, overrides)
+    assert result.candidates, "each case has some layout that fits"
+    speeds = [c.speed.tokens_per_s_per_gpu for c in result.candidates]
+    assert speeds == sorted(speeds, reverse=True)
+    rng = random.Random(0)
+    rows = result.candidates[:5] + rng.sample(result.candidates, min(15, len(result.candidates)))
+    for row in rows:
+        assert main(["validate", str(RECIPES / f"{name}.yaml"), "--cluster", cluster, *overrides,
+                     *row.overrides]) == 0, row.overrides
+        said = capsys.readouterr().out
+        assert f"{row.memory.total:.1f} of" in said  # validate's memory is the search's
+    for too_big in rng.sample(result.too_big, min(10, len(result.too_big))):
+        assert main(["validate", str(RECIPES / f"{name}.yaml"), "--cluster", cluster, *overrides, *too_big]) == 2
+        assert "GiB" in capsys.readouterr().err
+
+
+def test_deepseek_v3_on_64_gpus_of_80_gb_fits_with_the_memory_options_it_names():
+    rc, out, err = run_launcher("plan", RECIPES / "deepseek_v3.yaml", "--cluster", "slurm", "--search", "--json")
+    rows = json.loads(out)
+    assert rc == 0 and rows and len(rows) <= 10
+    for row in rows:
+        assert {"overrides", "memory_gib", "tokens_per_s_per_gpu", "bottleneck"} <= set(row)
+        assert row["memory_gib"] <= 80
+    best = rows[0]
+    # 671B parameters on 64 GPUs of 80 GB need optimizer states in host memory
+    assert "megatron.optimizer_offload=true" in best["memory_options"]
+    assert "megatron.optimizer_offload=true" in best["overrides"]
+    rc, out, err = run_launcher("validate", RECIPES / "deepseek_v3.yaml", "--cluster", "slurm", *best["overrides"])
+    assert rc == 0, err
+    rc, text, _ = run_launcher("plan", RECIPES / "deepseek_v3.yaml", "--cluster", "slurm", "--search", "--top", "3")
+    assert rc == 0 and "optimizer offload" in text and "--layout best" in text
+    assert len([line for line in text.splitlines() if line[:3].strip().isdigit()]) == 3
+
+
+def test_nothing_fits_names_the_fewest_nodes_that_would():
+    rc, out, err = run_launcher("plan", RECIPES / "deepseek_v3.yaml", "--cluster", "slurm", "--search",
+                                "trainer.nnodes=2")
+    assert rc == 2 and "Traceback" not in err
+    assert "no layout fits 16 GPUs of 80 GiB" in err and "the fewest that fit: trainer.nnodes=" in err
+    nodes = int(err.split("trainer.nnodes=")[1].split()[0])
+    example = err.split("for example with ")[1].split()
+    rc, _, err2 = run_launcher("validate", RECIPES / "deepseek_v3.yaml", "--cluster", "slurm",
+                               f"trainer.nnodes={nodes}", *example)
+    assert rc == 0, err2
+    rc, _, _ = run_launcher("plan", RECIPES / "deepseek_v3.yaml", "--cluster", "slurm", "--search",
+                            f"trainer.nnodes={nodes - 1}")
+    assert rc == 2
+
+
+def test_search_of_deepseek_on_1024_gpus_is_quick_and_never_imports_torch():
+    script = ("import sys, time\nfrom launcher.cli import main\nstart = time.time()\n"
+              f"rc = main(['plan', '{RECIPES / 'deepseek_v3.yaml'}', '--cluster', 'slurm', '--search', '--json', "
+              "'trainer.nnodes=128'])\n"
+              "print(round(time.time() - start, 3), rc, 'torch' in sys.modules, 'megatron' in sys.modules, "
+              "file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    seconds, rc, torch_loaded, megatron_loaded = proc.stderr.split()[-4:]
+    assert rc == "0" and torch_loaded == "False" and megatron_loaded == "False"
+    assert float(seconds) < 2.0
+    assert json.loads(proc.stdout)[0]["tokens_per_s_per_gpu"] > 0
+
+
+def test_submit_layout_best_runs_the_top_row(tmp_path):
+    rc, out, err = run_launcher("plan", RECIPES / "tiny_moe.yaml", "--cluster", "local", "--search", "--json")
+    best = json.loads(out)[0]
+    rc, out, err = run_launcher("submit", RECIPES / "tiny_moe.yaml", "--cluster", "local", "--layout", "best",
+                                "--dry-run", env={"HOME": str(tmp_path)})
+    assert rc == 0, err
+    assert f"layout: {' '.join(best['overrides'])}" in err
+    sizes = {o.split("=")[0].split(".")[-1]: o.split("=")[1] for o in best["overrides"]}
+    assert f"expert_model_parallel_size: {sizes['expert_model_parallel_size']}" in out
+    assert f"micro_batch_size: {sizes['micro_batch_size']}" in out
+
+
+def speed_of(*overrides, cluster="slurm", name="qwen3_235b_a22b"):
+    recipe = load_recipe(RECIPES / f"{name}.yaml", list(overrides))
+    model = read_model(recipe.model.path)
+    c = load_cluster(cluster)
+    return estimate_speed(recipe, model, plan_layout(recipe, model, c.gpus_per_node), hardware(c), c.gpus_per_node)
+
+
+def test_speed_model_costs_what_each_layout_pays():
+    base = speed_of()  # the shipped TP2 PP8 EP4 layout on 32 GPUs
+    # virtual stages shrink the pipeline bubble by their count
+    vpp = speed_of("megatron.virtual_pipeline_model_parallel_size=2", "data.global_batch_size=256")
+    plain = speed_of("data.global_batch_size=256")
+    assert vpp.parts["pp_bubble"] == pytest.approx(plain.parts["pp_bubble"] / 2, rel=0.01)
+    assert "pp_bubble" not in {k for k, v in speed_of("megatron.pipeline_model_parallel_size=1",
+                                                      "model.enable_gradient_checkpointing=true",
+                                                      "megatron.optimizer_offload=true",
+                                                      "megatron.expert_model_parallel_size=8",
+                                                      "megatron.num_layers_in_first_pipeline_stage=null",
+                                                      "megatron.num_layers_in_last_pipeline_stage=null").parts.items() if v}
+    # full recompute adds a forward pass: a third more matmul time
+    recompute = speed_of("model.enable_gradient_checkpointing=true")
+    no_recompute = speed_of("model.enable_gradient_checkpointing=false")
+    assert 1.3 < recompute.parts["compute"] / no_recompute.parts["compute"] < 1.34
+    # an expert all-to-all that leaves the node costs more than one inside it
+    inside = speed_of("megatron.expert_model_parallel_size=4")
+    across = speed_of("megatron.expert_model_parallel_size=4", "megatron.expert_tensor_parallel_size=4",
+                      "megatron.tensor_model_parallel_size=4", "megatron.pipeline_model_parallel_size=2",
+                      "megatron.num_layers_in_first_pipeline_stage=null", "megatron.num_layers_in_last_pipeline_stage=null")
+    assert across.parts["ep_alltoall"] > inside.parts["ep_alltoall"]
+    # the host's Adam is what optimizer offload costs
+    offload = speed_of("megatron.optimizer_offload=true")
+    assert offload.parts.get("host_offload", 0) > 0 and "optimizer" not in offload.parts
+    on_gpu = speed_of("megatron.optimizer_offload=false")
+    assert "host_offload" not in on_gpu.parts and on_gpu.parts["optimizer"] > 0
+    assert offload.tokens_per_s_per_gpu < on_gpu.tokens_per_s_per_gpu
+    assert base.bottleneck in {"compute", "ep_alltoall", "tp_comm", "cp_comm", "pp_comm", "pp_bubble", "grad_reduce",
+                               "optimizer", "host_offload"}
+
+
+def test_a_profile_can_give_its_own_hardware_figures(tmp_path):
+    profile = (REPO / "clusters" / "slurm.yaml").read_text() + "hardware:\n  mfu: 0.17\n  network_gb_s: 10\n"
+    (tmp_path / "slow.yaml").write_text(profile)
+    hw = hardware(load_cluster(str(tmp_path / "slow.yaml")))
+    assert (hw.name, hw.mfu, hw.network_gb_s) == ("H100", 0.17, 10)
+    fast = speed_of()
+    slow = speed_of(cluster=str(tmp_path / "slow.yaml"))
+    assert slow.tokens_per_s_per_gpu < fast.tokens_per_s_per_gpu
