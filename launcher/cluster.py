@@ -55,6 +55,8 @@ class KubernetesSection:
     # The volume that holds run directories (checkpoints, logs); mounted at run_root.
     run_volume_claim: Optional[str] = None
     shm_size_gib: int = 64
+    # Seconds an evicted pod has, after SIGTERM, to finish its step and save a checkpoint.
+    termination_grace_s: int = 300
     restart_policy: str = choices("OnFailure", "Never", "Always", "ExitCode", default="OnFailure")
     backoff_limit: int = 3
     service_account: Optional[str] = None

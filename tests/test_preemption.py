@@ -77,10 +77,36 @@ def test_sigkill_during_saves_never_breaks_latest_and_losses_match(tmp_path):
     assert [last[s] for s in sorted(last)] == pytest.approx(losses(clean), rel=1e-6)
 
 
-def test_sigterm_saves_the_current_step_and_the_next_run_resumes_there(tmp_path):
-    """Kubernetes eviction: SIGTERM to torchrun (the pod's first process) reaches the trainer,
-    which saves at the end of its step and stops; the next run resumes at that step and ends
-    with an uninterrupted run's losses. (torchrun itself then exits 1 after its SignalException.)"""
+def pod_command(tmp_path, run_dir, config):
+    """The Kubernetes pod's own command and environment, from the rendered PyTorchJob, pointed at
+    this machine: its recipe and run directory here, torchrun's PET_* variables as the training
+    operator sets them for one node."""
+    import socket
+
+    import yaml
+
+    from tests.conftest import RECIPES, run_launcher
+
+    rc, _, err = run_launcher("render", RECIPES / "tiny_moe.yaml", "--cluster", "k8s", "-o", tmp_path / "spec")
+    assert rc == 0, err
+    job = yaml.safe_load((tmp_path / "spec" / "pytorchjob.yaml").read_text())
+    container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    pod_run_dir = next(e["value"] for e in container["env"] if e["name"] == "MOE_RUN_DIR")
+    local = {"/etc/moe-launcher/recipe.yaml": str(config), pod_run_dir: str(run_dir), "python": sys.executable}
+    command = [local.get(part, part) for part in container["command"]]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, **{e["name"]: local.get(e["value"], e["value"]) for e in container["env"]},
+           "PET_NNODES": "1", "PET_NODE_RANK": "0", "PET_NPROC_PER_NODE": "1", "PET_MASTER_ADDR": "127.0.0.1",
+           "PET_MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return command, env
+
+
+def test_eviction_saves_exits_0_and_the_restarted_pod_resumes(tmp_path):
+    """Kubernetes eviction: SIGTERM to the pod's first process (the rendered manifest's command)
+    makes the trainer finish its step, save and stop; the pod exits 0, well inside its grace
+    period; the restarted pod resumes there and ends with an uninterrupted run's losses."""
     from trainer.checkpoint import damage, latest
 
     common = ("megatron.expert_model_parallel_size=1", "data.val_files=[]", "trainer.save_freq=-1",
@@ -88,17 +114,23 @@ def test_sigterm_saves_the_current_step_and_the_next_run_resumes_there(tmp_path)
     _, _, clean = train(tmp_path / "clean", *common, nproc=1)
     run_dir = tmp_path / "evicted"
     config = write_recipe(run_dir, *common)
-    proc = start(run_dir, config)
+    command, env = pod_command(tmp_path, run_dir, config)
+    proc = subprocess.Popen(command, cwd=run_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGTERM)  # the process only, as the kubelet signals a container's first process
-    proc.wait(timeout=60)
+    signalled = time.time()
+    os.kill(proc.pid, signal.SIGTERM)  # the kubelet signals the container's first process only
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
+    assert time.time() - signalled < 30  # the manifest gives 300 s (terminationGracePeriodSeconds)
+    assert "SIGTERM: asking the trainer to checkpoint and stop" in proc.stderr.read()
     saved = latest(run_dir / "checkpoints")
     stopped_at = int(saved.name.split("_")[1])
     assert 3 <= stopped_at < 12 and damage(saved) is None
-    assert start(run_dir, config).wait(timeout=300) == 0
+    restarted = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     last = {r["step"]: r["loss"] for r in records if "loss" in r}
     assert [last[s] for s in sorted(last)] == pytest.approx(losses(clean), rel=1e-6)

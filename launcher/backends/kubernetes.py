@@ -27,17 +27,27 @@ from launcher.store import JobRecord, now
 RECIPE_MOUNT = "/etc/moe-launcher"
 # Pods are named <job>-worker-<index>; keep room for that inside 63 characters.
 MAX_JOB_NAME = 40
+# An evicted pod gets SIGTERM (on its first process, this shell) and terminationGracePeriodSeconds
+# before SIGKILL. The shell does not pass it on to torchrun, which would stop its workers and exit
+# 1; it asks the trainer, through the file the Slurm script uses near a time limit, to finish its
+# step, save and exit 0, and waits for it.
+STOP_ON_TERM = (
+    'rm -f "$MOE_RUN_DIR/SAVE_AND_EXIT"; "$@" & child=$!; '
+    'trap \'echo "moe-launcher: SIGTERM: asking the trainer to checkpoint and stop" >&2; '
+    'mkdir -p "$MOE_RUN_DIR"; touch "$MOE_RUN_DIR/SAVE_AND_EXIT"\' TERM; '
+    'while :; do wait "$child"; status=$?; kill -0 "$child" 2>/dev/null || break; done; exit "$status"')
 # Workers meet at the first node's service name, which can take a while to appear in DNS; a
-# rendezvous that starts before it resolves fails the job. Wait for it (bounded, saying so),
-# then run the command given as arguments (no value is ever pasted into the script).
-WAIT_FOR_MASTER = (
+# rendezvous that starts before it resolves fails the job. The pod's script waits for it
+# (bounded, saying so), then runs the command given as arguments (no value is ever pasted into
+# the script) as STOP_ON_TERM says.
+POD_SCRIPT = (
     'addr="${PET_MASTER_ADDR:-${MASTER_ADDR:-}}"; waited=0; limit="${MOE_MASTER_WAIT_S:-300}"; '
     'while [ -n "$addr" ] && ! getent hosts "$addr" >/dev/null 2>&1; do '
     'if [ "$waited" -ge "$limit" ]; then '
     'echo "moe-launcher: $addr does not resolve after ${waited} s; starting anyway" >&2; break; fi; '
     'echo "moe-launcher: waiting for $addr to resolve (${waited} s of ${limit})" >&2; '
     'sleep 5; waited=$((waited + 5)); done; '
-    'exec "$@"')
+    + STOP_ON_TERM)
 
 
 def webhook_problems(job: dict) -> list[str]:
@@ -280,10 +290,11 @@ class KubernetesBackend(KubernetesJobs, Backend):
             "data": {"recipe.yaml": job.recipe_yaml},
         }
         # torchrun takes the node count, rank and master from the operator's PET_* variables
-        command = ["sh", "-c", WAIT_FOR_MASTER, "wait-for-master", job.cluster.python, "-m", "torch.distributed.run",
+        command = ["sh", "-c", POD_SCRIPT, "moe-pod", job.cluster.python, "-m", "torch.distributed.run",
                    "-m", "trainer", "--config", f"{RECIPE_MOUNT}/recipe.yaml", "--run-dir", job.run_dir]
         env = [{"name": k, "value": v} for k, v in job.env.items()]
         env.append({"name": "MOE_JOB_ID", "value": f"k8s/{k8s.namespace}/{name}"})  # in every metrics record
+        env.append({"name": "MOE_RUN_DIR", "value": job.run_dir})  # where SIGTERM leaves the stop file
         pod = self.pod_parts(job, configmap_name)
         if k8s.api == "trainjob":
             if k8s.priority_class:
@@ -334,7 +345,8 @@ class KubernetesBackend(KubernetesJobs, Backend):
             "resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus}},
             "volumeMounts": pod["mounts"],
         }
-        pod_spec = {"containers": [container], "volumes": pod["volumes"]}
+        pod_spec = {"containers": [container], "volumes": pod["volumes"],
+                    "terminationGracePeriodSeconds": k8s.termination_grace_s}
         for key in ("nodeSelector", "tolerations", "serviceAccountName"):
             if key in pod:
                 pod_spec[key] = pod[key]
