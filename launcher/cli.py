@@ -417,6 +417,8 @@ def status_text(backend, record, status, progress) -> str:
     lines.append(f"checkpoint   {progress.last_checkpoint or '-'}")
     if progress.last_error:
         lines.append(f"error        {progress.last_error}")
+    if progress.rank_failure:
+        lines.append(f"failed rank  {progress.rank_failure}")
     lines += [f"exit code    {status.exit_code if status.exit_code is not None else '-'}",
               f"nodes        {status.nodes or '-'}",
               f"start, end   {status.start or '-'}, {status.end or '-'}",

@@ -24,6 +24,8 @@ class Progress:
     restarts: int = 0
     last_checkpoint: Optional[str] = None
     last_error: Optional[str] = None
+    # torchrun's root cause of the last failed attempt: "rank 1 on host n2: exit code -9 (SIGKILL)"
+    rank_failure: Optional[str] = None
     alerts: list = field(default_factory=list)  # the trainer's (launcher.alerts), the last 20
 
     def to_dict(self) -> dict:
@@ -50,7 +52,9 @@ def read_progress(run_dir: str | Path, job_id: str, log_path: Optional[str] = No
     vals = [r for r in records if "val_loss" in r]
     progress.val_loss = vals[-1]["val_loss"] if vals else None
     progress.last_checkpoint = _latest_checkpoint(run_dir)
-    progress.last_error = _last_error(log_path)
+    tail = _log_tail(log_path)
+    progress.last_error = _last_error(tail)
+    progress.rank_failure = rank_failure(tail)
     return progress
 
 
@@ -89,16 +93,52 @@ def _latest_checkpoint(run_dir: Path) -> Optional[str]:
         return None
 
 
-def _last_error(log_path: Optional[str]) -> Optional[str]:
-    """The trainer's last `error:` line (the reason a job failed), from the end of its log."""
+def _log_tail(log_path: Optional[str]) -> str:
     if not log_path or not Path(log_path).exists():
-        return None
+        return ""
     with open(log_path, "rb") as f:
         f.seek(0, 2)
         f.seek(max(0, f.tell() - 256 * 1024))
-        tail = f.read().decode(errors="replace")
+        return f.read().decode(errors="replace")
+
+
+def _last_error(tail: str) -> Optional[str]:
+    """The trainer's last `error:` line (the reason a job failed), from the end of its log."""
     errors = [line.strip() for line in tail.splitlines() if line.strip().startswith("error: ")]
     return errors[-1][len("error: "):] if errors else None
+
+
+def rank_failure(tail: str) -> Optional[str]:
+    """The rank, host and exit code of the first failure torchrun reported ("Root Cause (first
+    observed failure)") in the last attempt that had one: each node's torchrun reports its own,
+    and the earliest is the rank that died, not one that lost its peer after it."""
+    import re
+    import signal
+
+    attempts = re.split(r"^(?==== moe-launcher job \S+ restart \d+ )", tail, flags=re.M)
+    failed = [a for a in attempts if "Root Cause (first observed failure)" in a]
+    if not failed:
+        return None
+    attempt = failed[-1]
+    reports = []
+    for block in attempt.split("Root Cause (first observed failure)")[1:]:
+        fields = dict(re.findall(r"^\s*(time|host|rank|exitcode)\s*:\s*(.+?)\s*$", block[:2000], re.M))
+        if "rank" in fields:
+            reports.append(fields)
+    if not reports:
+        return None
+    first = min(reports, key=lambda f: f.get("time", ""))
+    text = f"rank {first['rank'].split(' (')[0]} on host {first.get('host', '?')}"
+    code = first.get("exitcode", "").split(" (")[0]
+    if code:
+        text += f": exit code {code}"
+        if code.startswith("-") and code[1:].isdigit():
+            try:
+                text += f" ({signal.Signals(int(code[1:])).name})"
+            except ValueError:
+                pass
+    header = re.match(r"=== moe-launcher job \S+ restart (\d+) ", attempt)
+    return text + (f", attempt {header.group(1)}" if header else "")
 
 
 def duration(seconds: Optional[float]) -> str:

@@ -137,6 +137,8 @@ class JobSection:
     image: Optional[str] = None  # default: the cluster profile's image
     time_limit: str = "04:00:00"
     env: dict[str, str] = field(default_factory=dict)
+    # Times a failed job goes again from its latest checkpoint (Slurm requeues it; 0: never).
+    max_restarts: int = 2
 
 
 @dataclass
@@ -231,6 +233,8 @@ def _check(recipe: Recipe, path: Path, lines) -> None:
     for key, value in positive.items():
         if value is not None and value < 1:
             bad(key, f"{value} must be 1 or more")
+    if recipe.job.max_restarts < 0:
+        bad("job.max_restarts", f"{recipe.job.max_restarts} must be 0 (never) or more")
     if recipe.trainer.total_training_steps is not None and recipe.trainer.total_training_steps < 1:
         bad("trainer.total_training_steps", f"{recipe.trainer.total_training_steps} must be 1 or more, "
             "or left out to train for total_epochs")

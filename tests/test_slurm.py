@@ -4,8 +4,10 @@ with and without accounting (sacct, or squeue --json and the job's own files).""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -87,10 +89,10 @@ class TestJobs:
     def test_failed_job_reports_exit_code_and_log(self, slurm):
         profile, stand_in, env = slurm
         python = stand_in('echo "error: the stand-in trainer failed on $(hostname)"; exit 3')
-        rc, result, out, err = submit(env, profile(python))
+        rc, result, out, err = submit(env, profile(python), "job.max_restarts=0")
         assert rc == 1 and (result["state"], result["exit_code"]) == ("FAILED", 3)
         rc, out, _ = run_launcher("submit", RECIPES / "tiny_moe.yaml", "--cluster", profile(python), "--wait",
-                                  env=env, timeout=300)
+                                  "job.max_restarts=0", env=env, timeout=300)
         assert rc == 1 and "the job said: error: the stand-in trainer failed" in out
 
     def test_cancelled_job(self, slurm):
@@ -167,3 +169,82 @@ def _wait_for(env, job_id, state, timeout=120):
             return current
         time.sleep(1)
     raise AssertionError(f"job {job_id} never reached {state}: {current}")
+
+
+def _losses_by_step(run_dir):
+    from launcher.progress import read_records
+
+    records = read_records(run_dir / "metrics.jsonl", None)
+    last = {r["step"]: r for r in records if "loss" in r}  # a requeued attempt redoes steps after its checkpoint
+    return [last[step]["loss"] for step in sorted(last)], max((r.get("restart", 0) for r in last.values()), default=0)
+
+
+def _wait_for_step(run_dir, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len(_losses_by_step(run_dir)[0]) >= step:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{run_dir} never reached step {step}")
+
+
+def test_requeued_and_dead_rank_jobs_resume_with_an_uninterrupted_runs_losses(slurm, tmp_path):
+    """On two nodes: `scontrol requeue` mid-run, and one training process killed with SIGKILL
+    (a dead rank) - each attempt goes on from the latest checkpoint, and the per-step losses are
+    those of a run never interrupted. The dead rank ends its attempt, the job requeues itself
+    (job.max_restarts) and `launcher status` names the rank, host and signal."""
+    start()
+    profile, stand_in, env = slurm
+    common = [*TWO_NODES, "trainer.total_training_steps=14", "trainer.save_freq=2", "data.val_files=[]"]
+    rc, result, out, err = submit(env, profile(), *common, "job.name=clean")
+    assert rc == 0, out + err
+    clean, _ = _losses_by_step(tmp_path / "runs" / "clean")
+
+    rc, result, _, _ = submit(env, profile(), *common, "job.name=requeued", wait=False)
+    run_dir = tmp_path / "runs" / "requeued"
+    _wait_for_step(run_dir, 5)
+    subprocess.run(["scontrol", "requeue", result["job_id"]], env={**os.environ, **env}, check=True)
+    final = _wait_for(env, result["job_id"], "COMPLETED", timeout=400)
+    losses, restarts = _losses_by_step(run_dir)
+    assert restarts == 1 and final["restarts"] == 1
+    assert losses == pytest.approx(clean, rel=1e-6)
+
+    rc, result, _, _ = submit(env, profile(), *common, "job.name=dead-rank", wait=False)
+    run_dir = tmp_path / "runs" / "dead-rank"
+    _wait_for_step(run_dir, 5)
+    workers = []  # the training processes: torchrun's children, not torchrun
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"{run_dir}/recipe.yaml" in cmdline and "trainer" in cmdline and "torch.distributed.run" not in cmdline:
+            workers.append(proc.name)
+    assert len(workers) == 2, workers  # one training process per node
+    os.kill(int(workers[1]), signal.SIGKILL)
+    killed = time.time()
+    log = run_dir / "logs" / f"slurm-{result['job_id']}.out"
+    # (measured: 61 s on this cluster, the dead rank's torchrun taking a minute to leave)
+    while "attempt 0 failed with exit code" not in log.read_text(errors="replace"):
+        assert time.time() - killed < 90, log.read_text()[-3000:]
+        time.sleep(0.5)
+    final = _wait_for(env, result["job_id"], "COMPLETED", timeout=400)
+    assert final["restarts"] == 1
+    assert "SIGKILL" in final["rank_failure"] and "attempt 0" in final["rank_failure"]
+    losses, _ = _losses_by_step(run_dir)
+    assert losses == pytest.approx(clean, rel=1e-6)
+    rc, text, _ = run_launcher("status", result["job_id"], env=env)
+    assert "failed rank  rank " in text and "SIGKILL" in text
+
+
+def test_bad_input_is_not_retried(slurm, tmp_path):
+    """The trainer leaves BAD_INPUT when it exits for bad input: the job fails at once instead of
+    going again job.max_restarts times."""
+    start()
+    profile, stand_in, env = slurm
+    python = stand_in('for a in "$@"; do [ "${prev:-}" = --config ] && dir=$(dirname "$a"); prev=$a; done\n'
+                      'echo "error: data.train_files: no such file"; touch "$dir/BAD_INPUT"; exit 2')
+    rc, result, out, err = submit(env, profile(python))
+    assert rc == 1 and (result["state"], result["exit_code"]) == ("FAILED", 2)
+    log = (tmp_path / "runs" / "tiny_moe" / "logs" / f"slurm-{result['job_id']}.out").read_text()
+    assert "requeueing" not in log and log.count("=== moe-launcher job") == 1

@@ -48,6 +48,7 @@ def main(argv=None) -> int:
         return loop.train(recipe, run_dir, model_dims, tokenizer, train_data, val_rows)
     except (UserError, DataError, BadRow, UnsupportedConfig) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
+        (run_dir / "BAD_INPUT").write_text(f"{err}\n")  # the job script does not retry bad input
         return 2
     except CollectiveTimeout as err:  # a hung or dead rank: one line, the job fails
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -87,6 +87,7 @@ job:
   time_limit: 00:15:00
   env:
     OMP_NUM_THREADS: '1'
+  max_restarts: 2
 notes: 'Two CPU processes: expert parallelism EP=2 over gloo, attention data-parallel
   DP=2.'
 MOE_LAUNCHER_RECIPE_END
