@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -285,6 +286,11 @@ def cmd_submit(args) -> int:
     refused = refusal(Path(job.recipe.trainer.default_local_dir).expanduser(), job.recipe.to_dict())
     if refused:  # checked again by the trainer where this machine cannot see the run directory
         raise UserError(f"{job.recipe_source}: {refused}")
+    unset = [n for n in job.recipe.job.secrets if n not in os.environ]
+    if unset and job.cluster.backend != "kubernetes":  # (Kubernetes jobs read them from Secrets)
+        raise UserError(f"{job.recipe_source}: job.secrets: {', '.join(unset)} not set in this environment; the job "
+                        f"takes {'them' if len(unset) > 1 else 'it'} from here: export {unset[0]}=... before "
+                        "`launcher submit`")
     backend = backend_for(job.cluster)
     store = JobStore()
     record = backend.submit(job, files)  # raises UserError, recording nothing, when it fails

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from launcher.errors import UserError, closest
+from launcher.recipe import looks_secret
 from launcher.resources import resource_dir
 from launcher.schema import build, choices, load_yaml
 
@@ -46,6 +47,12 @@ class Toleration:
 
 
 @dataclass
+class SecretRef:
+    secret: str  # a Secret in the job's namespace
+    key: str  # the key inside it
+
+
+@dataclass
 class KubernetesSection:
     namespace: str = "default"
     kubeconfig: Optional[str] = None  # default: $KUBECONFIG, then ~/.kube/config
@@ -60,6 +67,11 @@ class KubernetesSection:
     restart_policy: str = choices("OnFailure", "Never", "Always", "ExitCode", default="OnFailure")
     backoff_limit: int = 3
     service_account: Optional[str] = None
+    # Environment variables read from Secrets (secretKeyRef), for every job: HF_TOKEN: {secret: hf, key: token}.
+    secrets: dict[str, SecretRef] = field(default_factory=dict)
+    # Secrets holding registry credentials for the image (PyTorchJob; a TrainJob takes them from
+    # its service account or runtime).
+    image_pull_secrets: list[str] = field(default_factory=list)
     priority_class: Optional[str] = None
     # The job kind: Kubeflow's training operator (PyTorchJob, kubeflow.org/v1) or Kubeflow
     # Trainer (TrainJob, trainer.kubeflow.org/v1alpha1) with the ClusterTrainingRuntime named by
@@ -128,6 +140,13 @@ def load_cluster(name: str) -> Cluster:
     problems = []
     if cluster.backend == "kubernetes" and cluster.on_cpu:
         problems.append(f"{path}: gpus_per_node: 0 is not supported on Kubernetes; give the GPUs per node")
+    for name in cluster.env:
+        if looks_secret(name):
+            problems.append(f"{path}: env.{name}: looks like a secret, and env values are written into every job "
+                            f"spec; name it in a recipe's job.secrets (Kubernetes: kubernetes.secrets) instead")
+    if cluster.kubernetes.image_pull_secrets and cluster.kubernetes.api == "trainjob":
+        problems.append(f"{path}: kubernetes.image_pull_secrets: a TrainJob cannot set them; give them to "
+                        "kubernetes.service_account or the ClusterTrainingRuntime, or use kubernetes.api: pytorchjob")
     if problems:
         raise UserError(*problems)
     return cluster

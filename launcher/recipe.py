@@ -139,6 +139,11 @@ class JobSection:
     env: dict[str, str] = field(default_factory=dict)
     # Times a failed job goes again from its latest checkpoint (Slurm requeues it; 0: never).
     max_restarts: int = 2
+    # Names of environment variables that hold secrets (HF_TOKEN, WANDB_API_KEY). Their values are
+    # never written into a job spec, log or the job store: Slurm and local jobs inherit them from
+    # the environment of `launcher submit`; Kubernetes jobs read the Secrets that the profile's
+    # kubernetes.secrets names.
+    secrets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -255,8 +260,23 @@ def _check(recipe: Recipe, path: Path, lines) -> None:
     for name in recipe.job.env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             bad(f"job.env.{name}", "is not a valid environment variable name")
+        elif looks_secret(name):
+            bad(f"job.env.{name}", "looks like a secret, and job.env values are written into the job spec; "
+                f"list {name} in job.secrets instead and set it in the environment of `launcher submit` "
+                "(Kubernetes: the profile's kubernetes.secrets)")
+    for name in recipe.job.secrets:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            bad("job.secrets", f"'{name}' is not a valid environment variable name")
     if problems:
         raise UserError(*problems)
+
+
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.I)
+
+
+def looks_secret(name: str) -> bool:
+    """An environment variable whose name says it holds a credential (HF_TOKEN, WANDB_API_KEY)."""
+    return bool(SECRET_NAME.search(name))
 
 
 def sanitize_job_name(name: str) -> str:

@@ -171,6 +171,8 @@ class _Builder:
         if origin is dict:
             if not isinstance(value, dict):
                 return self.bad(keys, value, "a mapping")
+            if dataclasses.is_dataclass(args[1]):
+                return {str(k): self.build(args[1], v, (*keys, str(k))) for k, v in value.items()}
             out = {}
             for k, v in value.items():
                 if isinstance(v, bool) or v is None or isinstance(v, (dict, list)):

@@ -50,6 +50,19 @@ POD_SCRIPT = (
     + STOP_ON_TERM)
 
 
+def secret_env(job: Job, cluster) -> list[dict]:
+    """Environment entries that read the profile's Secrets (never their values); every name in the
+    recipe's job.secrets must be among them."""
+    refs = cluster.kubernetes.secrets
+    missing = [n for n in job.recipe.job.secrets if n not in refs]
+    if missing:
+        raise UserError(f"{job.recipe_source}: job.secrets: {', '.join(missing)}: cluster profile {cluster.source} "
+                        f"has no kubernetes.secrets entry for {'them' if len(missing) > 1 else 'it'}; add for "
+                        f"example `{missing[0]}: {{secret: NAME, key: KEY}}` under kubernetes.secrets")
+    return [{"name": name, "valueFrom": {"secretKeyRef": {"name": ref.secret, "key": ref.key}}}
+            for name, ref in refs.items()]
+
+
 def webhook_problems(job: dict) -> list[str]:
     """The training operator's PyTorchJob validation rules that the CRD schema does not carry."""
     problems = []
@@ -295,6 +308,7 @@ class KubernetesBackend(KubernetesJobs, Backend):
         env = [{"name": k, "value": v} for k, v in job.env.items()]
         env.append({"name": "MOE_JOB_ID", "value": f"k8s/{k8s.namespace}/{name}"})  # in every metrics record
         env.append({"name": "MOE_RUN_DIR", "value": job.run_dir})  # where SIGTERM leaves the stop file
+        env += secret_env(job, self.cluster)
         pod = self.pod_parts(job, configmap_name)
         if k8s.api == "trainjob":
             if k8s.priority_class:
@@ -352,6 +366,8 @@ class KubernetesBackend(KubernetesJobs, Backend):
                 pod_spec[key] = pod[key]
         if k8s.priority_class:
             pod_spec["priorityClassName"] = k8s.priority_class
+        if k8s.image_pull_secrets:
+            pod_spec["imagePullSecrets"] = [{"name": n} for n in k8s.image_pull_secrets]
 
         def replica(count: int) -> dict:
             return {"replicas": count, "restartPolicy": k8s.restart_policy,
