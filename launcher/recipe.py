@@ -193,7 +193,11 @@ def _resolve(recipe: Recipe, path: Path) -> None:
     def absolute(p: Optional[str]) -> Optional[str]:
         if p is None or "://" in p:
             return p
-        return str((base / Path(p).expanduser()).resolve())
+        try:
+            return str((base / Path(p).expanduser()).resolve())
+        except RuntimeError:  # ~name of a user this machine does not know
+            raise UserError(f"{path}: path {p!r}: no home folder for {p.split('/')[0]!r} on this machine; "
+                            "write the full path") from None
 
     recipe.model.path = absolute(recipe.model.path)
     recipe.model.tokenizer_path = absolute(recipe.model.tokenizer_path) or recipe.model.path

@@ -24,11 +24,15 @@ Lines = dict[tuple, int]
 def load_yaml(path: Path) -> tuple[dict, Lines]:
     """The mapping in `path` and the 1-based line of each key, by key path."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder; give a YAML file") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: byte {err.start}: not UTF-8 text; is this the YAML file?") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -36,6 +40,8 @@ def load_yaml(path: Path) -> tuple[dict, Lines]:
         mark = err.problem_mark or err.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise UserError(f"{where}: malformed YAML: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:  # the reader's: characters YAML does not allow
+        raise UserError(f"{path}: malformed YAML: {str(err).splitlines()[-1].strip()}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
