@@ -540,6 +540,10 @@ def cmd_data(args) -> int:
         print(json.dumps(report.to_dict()))
     else:
         print(data_check.text(report, args.recipe, recipe.data.skip_bad_rows, recipe.data.truncation))
+    if report.usable == 0:
+        print(f"error: {', '.join(recipe.data.train_files)}: no usable rows to train on "
+              f"({report.rows_read} read); the job would stop before its first step", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return EXIT_BAD_INPUT if report.bad and not recipe.data.skip_bad_rows else EXIT_OK
 
 

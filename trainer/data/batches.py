@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from trainer.data.chat import tokenize_conversation
-from trainer.data.parquet import BadRow, row_groups, shuffled_rows, to_messages
+from trainer.data.parquet import BadRow, DataError, row_groups, shuffled_rows, to_messages
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Row:
 class SFTData:
     def __init__(self, files: list[str], data, tokenizer, seed: int, align: int = 1):
         self.data = data
+        self.files = files
         # Packed samples start at multiples of `align`: transformer-engine's context-parallel
         # attention over packed samples splits each sample into 2 x CP equal chunks.
         self.align = align
@@ -99,9 +100,13 @@ class SFTData:
     def stream(self, epoch: int = 0, taken: int = 0) -> Iterator[tuple[int, int, Row]]:
         """(epoch, rows taken in that epoch after this one, row) forever, from a saved position."""
         while True:
-            for i, row in enumerate(self.rows(epoch)):
-                if i >= taken:
-                    yield epoch, i + 1, row
+            count = 0
+            for count, row in enumerate(self.rows(epoch), 1):
+                if count > taken:
+                    yield epoch, count, row
+            if count == 0:  # (else this would loop forever looking for a row)
+                raise DataError(f"{', '.join(self.files)}: no usable rows to train on (empty, or every row "
+                                f"bad and skipped: data.skip_bad_rows)")
             epoch, taken = epoch + 1, 0
 
 
