@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -135,11 +136,40 @@ def _load_model(loaded: dict, model_chunks, path: Path) -> None:
             raise ValueError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
+def _start_writer_queue_without_our_output() -> None:
+    """megatron-core's checkpoint writer reports through a multiprocessing Manager, a process it
+    spawns at the first save that inherits this process's stdout and stderr. When this process is
+    killed (SIGKILL: a dead rank) the Manager outlives it, still holding the job's output streams,
+    and Slurm waits a minute for them to close before it ends the step. Started here with its
+    output on /dev/null, it holds nothing of the job's."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if getattr(filesystem_async, "_results_queue", True) is not None or \
+            not hasattr(filesystem_async, "_get_write_results_queue"):
+        return  # started already, or a megatron-core without it
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        filesystem_async._get_write_results_queue()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 def save(root: Path, step: int, model_chunks, optimizer, scheduler, trainer_state: dict,
          keep: int | None = None) -> Path:
     from megatron.core import dist_checkpointing
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+    _start_writer_queue_without_our_output()
     name = f"step_{step:06d}"
     final, tmp = root / name, root / f"{name}.tmp"
     rank = dist.get_rank()
