@@ -88,6 +88,7 @@ job:
   env:
     OMP_NUM_THREADS: '1'
   max_restarts: 2
+  secrets: []
 notes: 'Two CPU processes: expert parallelism EP=2 over gloo, attention data-parallel
   DP=2.'
 MOE_LAUNCHER_RECIPE_END
