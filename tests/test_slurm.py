@@ -191,18 +191,18 @@ def _wait_for_step(run_dir, step, timeout=300):
 def test_requeued_and_dead_rank_jobs_resume_with_an_uninterrupted_runs_losses(slurm, tmp_path):
     """On two nodes: `scontrol requeue` mid-run, and one training process killed with SIGKILL
     (a dead rank) - each attempt goes on from the latest checkpoint, and the per-step losses are
-    those of a run never interrupted. The dead rank ends its attempt, the job requeues itself
-    (job.max_restarts) and `launcher status` names the rank, host and signal."""
+    those of a run never interrupted. The dead rank ends its attempt within a minute, the job
+    requeues itself (job.max_restarts) and `launcher status` names the rank, host and signal."""
     start()
     profile, stand_in, env = slurm
-    common = [*TWO_NODES, "trainer.total_training_steps=14", "trainer.save_freq=2", "data.val_files=[]"]
+    common = [*TWO_NODES, "trainer.total_training_steps=10", "trainer.save_freq=2", "data.val_files=[]"]
     rc, result, out, err = submit(env, profile(), *common, "job.name=clean")
     assert rc == 0, out + err
     clean, _ = _losses_by_step(tmp_path / "runs" / "clean")
 
     rc, result, _, _ = submit(env, profile(), *common, "job.name=requeued", wait=False)
     run_dir = tmp_path / "runs" / "requeued"
-    _wait_for_step(run_dir, 5)
+    _wait_for_step(run_dir, 4)
     subprocess.run(["scontrol", "requeue", result["job_id"]], env={**os.environ, **env}, check=True)
     final = _wait_for(env, result["job_id"], "COMPLETED", timeout=400)
     losses, restarts = _losses_by_step(run_dir)
@@ -211,7 +211,7 @@ def test_requeued_and_dead_rank_jobs_resume_with_an_uninterrupted_runs_losses(sl
 
     rc, result, _, _ = submit(env, profile(), *common, "job.name=dead-rank", wait=False)
     run_dir = tmp_path / "runs" / "dead-rank"
-    _wait_for_step(run_dir, 5)
+    _wait_for_step(run_dir, 4)
     workers = []  # the training processes: torchrun's children, not torchrun
     for proc in Path("/proc").iterdir():
         try:
@@ -224,9 +224,9 @@ def test_requeued_and_dead_rank_jobs_resume_with_an_uninterrupted_runs_losses(sl
     os.kill(int(workers[1]), signal.SIGKILL)
     killed = time.time()
     log = run_dir / "logs" / f"slurm-{result['job_id']}.out"
-    # (measured: 61 s on this cluster, the dead rank's torchrun taking a minute to leave)
+    # (measured: 3 s; 61 s while megatron's checkpoint writer kept the dead rank's output open)
     while "attempt 0 failed with exit code" not in log.read_text(errors="replace"):
-        assert time.time() - killed < 90, log.read_text()[-3000:]
+        assert time.time() - killed < 60, log.read_text()[-3000:]
         time.sleep(0.5)
     final = _wait_for(env, result["job_id"], "COMPLETED", timeout=400)
     assert final["restarts"] == 1
