@@ -239,9 +239,10 @@ def test_checkpoint_rotation_and_a_damaged_checkpoint(tmp_path):
 
 
 def test_a_save_that_cannot_be_written_stops_the_job_and_keeps_the_previous_checkpoint(tmp_path):
-    """A full disk, played by a file-size limit smaller than a checkpoint shard: one error line
-    naming the checkpoint and the cause, exit non-zero, `latest` still the previous sound one,
-    nothing half-written left."""
+    """A full disk: the checkpoints on a 12 MiB tmpfs that holds two of the tiny model's
+    checkpoints (4.7 MiB each) but not a third (where mounting is not allowed, a file-size limit
+    smaller than a shard plays it). One error line naming the checkpoint and the cause, exit
+    non-zero, `latest` still the previous sound one, nothing half-written left."""
     import os
     import resource
     import subprocess
@@ -251,24 +252,34 @@ def test_a_save_that_cannot_be_written_stops_the_job_and_keeps_the_previous_chec
     from tests.trainer_helpers import write_recipe
     from trainer.checkpoint import damage, latest
 
-    common = ("megatron.expert_model_parallel_size=1", "data.val_files=[]", "trainer.save_freq=1")
-    train(tmp_path, "trainer.total_training_steps=2", *common, nproc=1)
-    config = write_recipe(tmp_path, "trainer.total_training_steps=4", *common, "trainer.n_gpus_per_node=1")
+    ckpts = tmp_path / "disk" / "checkpoints"
+    ckpts.parent.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(ckpts.parent)],
+                             capture_output=True).returncode == 0
+    try:
+        common = ("megatron.expert_model_parallel_size=1", "data.val_files=[]", "trainer.save_freq=1",
+                  f"trainer.default_local_dir={ckpts}")
+        train(tmp_path, "trainer.total_training_steps=2", *common, nproc=1)
+        config = write_recipe(tmp_path, "trainer.total_training_steps=4", *common, "trainer.n_gpus_per_node=1")
 
-    def small_files():  # in the child: writes past 512 KiB fail (Python ignores SIGXFSZ)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))
+        def small_files():  # in the child: writes past 512 KiB fail (Python ignores SIGXFSZ)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))
 
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-                           "-m", "trainer", "--config", str(config)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, preexec_fn=small_files,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-    ckpts = tmp_path / "checkpoints"
-    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
-    assert proc.returncode != 0 and len(errors) == 1, errors
-    assert errors[0].startswith(f"error: could not write checkpoint {ckpts / 'step_000003'}: ")
-    assert errors[0].endswith(f"`latest` still names {ckpts / 'step_000002'}")
-    assert latest(ckpts) == ckpts / "step_000002" and damage(ckpts / "step_000002") is None
-    assert not list(ckpts.glob("*.tmp"))
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                               "-m", "trainer", "--config", str(config)], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, preexec_fn=None if mounted else small_files,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+        errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+        assert proc.returncode != 0 and len(errors) == 1, errors
+        assert errors[0].startswith(f"error: could not write checkpoint {ckpts / 'step_000003'}: ")
+        if mounted:  # (torch's writer says only "unexpected pos"; the free space says why)
+            assert "(the file system is full: " in errors[0]
+        assert errors[0].endswith(f"`latest` still names {ckpts / 'step_000002'}")
+        assert latest(ckpts) == ckpts / "step_000002" and damage(ckpts / "step_000002") is None
+        assert not list(ckpts.glob("*.tmp"))
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(ckpts.parent)])
 
 
 def test_a_hung_rank_fails_the_job_within_the_collective_timeout(tmp_path):

@@ -227,12 +227,15 @@ def _all_ranks_agree_or_stop(problem: str | None, root: Path, final: Path, tmp: 
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if not failed.item():
         return
+    usage = shutil.disk_usage(root)  # before the half-written folder goes: what the writer saw
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     previous = latest(root)
-    free = shutil.disk_usage(root).free / 2**30
+    size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+    space = (f"the file system is full: {size(usage.free)} free of {size(usage.total)}"
+             if usage.free < max(64 * 2**20, usage.total // 100) else f"{size(usage.free)} free there")
     raise UserError(f"could not write checkpoint {final}: {problem or 'another rank could not write its part'} "
-                    f"({free:.1f} GiB free there); `latest` still names {previous if previous else 'no checkpoint'}")
+                    f"({space}); `latest` still names {previous if previous else 'no checkpoint'}")
 
 
 def _materialise_adam_state(optimizer) -> None:
