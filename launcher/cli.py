@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit the job")
     _job_args(p)
     p.add_argument("--dry-run", action="store_true", help="render and print what would be submitted")
+    p.add_argument("--restart", action="store_true", help="start the run over: its checkpoints and metrics are "
+                   "renamed to NAME.before-TIME first (local and Slurm)")
     _layout_arg(p)
     how = p.add_mutually_exclusive_group()
     how.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 if it failed")
@@ -283,7 +285,18 @@ def cmd_submit(args) -> int:
     from launcher.resume import refusal
     from launcher.store import JobStore
 
-    refused = refusal(Path(job.recipe.trainer.default_local_dir).expanduser(), job.recipe.to_dict())
+    checkpoints = Path(job.recipe.trainer.default_local_dir).expanduser()
+    if args.restart:
+        if job.cluster.backend == "kubernetes":
+            raise UserError(f"{job.recipe_source}: --restart: the run directory is on the cluster's volume, out of "
+                            "this machine's reach; set another job.name to start a new run")
+        from datetime import datetime
+
+        from launcher.resume import set_aside
+
+        for moved in set_aside(Path(job.run_dir), checkpoints, datetime.now().strftime("%Y%m%d-%H%M%S")):
+            print(f"restart: moved aside {moved}", file=sys.stderr)
+    refused = refusal(checkpoints, job.recipe.to_dict())
     if refused:  # checked again by the trainer where this machine cannot see the run directory
         raise UserError(f"{job.recipe_source}: {refused}")
     unset = [n for n in job.recipe.job.secrets if n not in os.environ]

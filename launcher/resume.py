@@ -6,7 +6,8 @@ what may change between attempts: step counts and frequencies, paths, and the pa
 and memory options (checkpoints reshard to any layout). Anything else (the model, the data's
 shape, the optimizer, the seed) would silently train a different run on top of this one.
 Pure functions and a JSON read: the launcher runs this before queueing, the trainer again
-when it resumes (on Kubernetes the launcher cannot see the run directory).
+when it resumes (on Kubernetes the launcher cannot see the run directory). `set_aside` is the
+one write: `launcher submit --restart` starts the run over after moving the old one aside.
 """
 
 from __future__ import annotations
@@ -58,4 +59,16 @@ def refusal(checkpoints: Path, now: dict) -> str | None:
         return None
     return (f"the run's checkpoint {step} was trained with another recipe: {'; '.join(changes[:5])}"
             f"{f' (and {len(changes) - 5} more)' if len(changes) > 5 else ''}; submit with those values, "
-            "or set another job.name to start a new run")
+            "set another job.name, or start this run over with `launcher submit --restart`")
+
+
+def set_aside(run_dir: Path, checkpoints: Path, stamp: str) -> list[Path]:
+    """Rename the run's checkpoints and metrics to NAME.before-STAMP, so that a new run starts
+    at step 1 in the same run directory and nothing of the old one is lost; the new names."""
+    moved = []
+    for path in (checkpoints, run_dir / "metrics.jsonl", run_dir / "tensorboard"):
+        if path.exists():
+            target = path.with_name(f"{path.name}.before-{stamp}")
+            path.rename(target)
+            moved.append(target)
+    return moved

@@ -86,6 +86,15 @@ def test_submitting_again_trains_only_what_is_left_and_reports_only_itself(home)
     assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "step_000006 was trained with another recipe: optim.lr: 0.003 -> 0.5" in err and "job.name" in err
     assert run_launcher("list", env=env)[1] == jobs
+    # --restart starts over in the same run directory, the old run moved aside whole
+    rc, out, err = run_launcher(*submit, "--restart", "trainer.total_training_steps=2", "optim.lr=0.5", env=env,
+                                timeout=300)
+    assert rc == 0 and "over 2 steps\n" in out, out + err
+    (old_checkpoints,) = run_dir.glob("checkpoints.before-*")
+    (old_metrics,) = run_dir.glob("metrics.jsonl.before-*")
+    assert (old_checkpoints / "latest").read_text().strip() == "step_000006"
+    assert len([line for line in old_metrics.read_text().splitlines() if '"loss"' in line]) == 6
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
 
 
 def test_failed_job_exits_1_with_log_tail(home, tmp_path):

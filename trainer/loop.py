@@ -412,7 +412,8 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
     if step >= total:  # submitted again after it finished: train nothing, write nothing
         if rank0:
             print(f"run already complete: its checkpoint is at step {step} of {total}; nothing to train "
-                  "(raise trainer.total_training_steps to train on, or use another job.name to start over)",
+                  "(raise trainer.total_training_steps to train on; `launcher submit --restart` or another "
+                  "job.name starts over)",
                   flush=True)
         return 0
     log = MetricsLog(run_dir, rank0, total, recipe.trainer.tensorboard)
