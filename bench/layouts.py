@@ -96,17 +96,16 @@ def estimate(row: dict, gpus_per_node: int, gpu_type: str, fitted: dict) -> dict
             "parts_s": speed.parts}
 
 
-def fit(rows: list[dict], gpus: int, gpu_type: str, grid: dict, fixed: dict) -> dict:
-    """The grid point (every combination of grid's values, over `fixed`) with the least squared
-    relative error on `rows`."""
+def fit(groups: list[tuple[list[dict], int, str, dict]], grid: dict) -> dict:
+    """The grid point (every combination of grid's values) with the least squared relative error
+    over the groups' rows; a group is (rows, GPUs per node, GPU type, the constants fixed for it)."""
     import itertools
 
-    names = list(grid)
     best, best_error = None, None
     for values in itertools.product(*grid.values()):
-        point = {**fixed, **dict(zip(names, values))}
-        error = sum((estimate(r, gpus, gpu_type, point)["tokens_per_s_per_gpu"] / r["tokens_per_s"] - 1) ** 2
-                    for r in rows)
+        point = dict(zip(grid, values))
+        error = sum((estimate(r, gpus, gpu_type, {**fixed, **point})["tokens_per_s_per_gpu"] / r["tokens_per_s"] - 1) ** 2
+                    for rows, gpus, gpu_type, fixed in groups for r in rows)
         if best_error is None or error < best_error:
             best, best_error = point, error
     return best
@@ -122,24 +121,14 @@ def compare(args) -> None:
         rows = [r for r in result["rows"] if "tokens_per_s" in r]
         gpu_type = result["device"].split(" x ", 1)[1]
         gpus = max(r["gpus"] for r in rows)
-        single = fit([r for r in rows if r["gpus"] == 1], gpus, gpu_type,
-                     {"mfu": [m / 100 for m in range(10, 71)], "layer_overhead_ms": [o / 4 for o in range(0, 41)]}, {})
+        single = fit([([r for r in rows if r["gpus"] == 1], gpus, gpu_type, {})],
+                     {"mfu": [m / 100 for m in range(10, 71)], "layer_overhead_ms": [o / 4 for o in range(0, 41)]})
         machines.append({"path": path, "result": result, "rows": rows, "gpu_type": gpu_type, "gpus": gpus,
                          "single": single})
 
     def fit_collectives(chosen):
-        import itertools
-
-        best, best_error = None, None
-        for c, e in itertools.product([c / 10 for c in range(0, 41)], [e / 2 for e in range(0, 25)]):
-            error = 0.0
-            for m in chosen:
-                point = {**m["single"], "collective_ms": c, "ep_sync_ms": e}
-                error += sum((estimate(r, m["gpus"], m["gpu_type"], point)["tokens_per_s_per_gpu"]
-                              / r["tokens_per_s"] - 1) ** 2 for r in m["rows"] if r["gpus"] > 1)
-            if best_error is None or error < best_error:
-                best, best_error = {"collective_ms": c, "ep_sync_ms": e}, error
-        return best
+        return fit([([r for r in m["rows"] if r["gpus"] > 1], m["gpus"], m["gpu_type"], m["single"]) for m in chosen],
+                   {"collective_ms": [c / 10 for c in range(0, 41)], "ep_sync_ms": [e / 2 for e in range(0, 25)]})
 
     joint = fit_collectives(machines)
     check = {"fitted_collectives_on_all": joint, "machines": []}
