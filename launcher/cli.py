@@ -111,7 +111,7 @@ def _prepare(args, require_ok=True):
     for text in args.overrides:  # reject malformed overrides before reading any file
         parse_override(text)
     if getattr(args, "layout", None) == "best":
-        result = _search(args)
+        *_, result = _search(args)
         if not result.candidates:
             raise UserError(f"{args.recipe}: --layout best: no layout fits; run `launcher plan {args.recipe} "
                             f"--cluster {args.cluster} --search` to see what would")
@@ -121,14 +121,19 @@ def _prepare(args, require_ok=True):
 
 
 def _search(args):
+    """(cluster, recipe, model, the search's result) for the recipe as overridden."""
     from launcher.cluster import load_cluster
     from launcher.plan.models import read_model
     from launcher.plan.search import search_layouts
     from launcher.recipe import load_recipe
+    from launcher.schema import parse_override
 
+    for text in args.overrides:
+        parse_override(text)
     cluster = load_cluster(args.cluster)
     recipe = load_recipe(args.recipe, args.overrides)
-    return search_layouts(recipe, cluster, read_model(recipe.model.path, args.recipe))
+    model = read_model(recipe.model.path, args.recipe)
+    return cluster, recipe, model, search_layouts(recipe, cluster, model)
 
 
 def cmd_validate(args) -> int:
@@ -154,18 +159,9 @@ def cmd_plan(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from launcher.cluster import load_cluster
-    from launcher.plan.models import read_model
-    from launcher.plan.search import fewest_nodes, search_layouts
-    from launcher.recipe import load_recipe
-    from launcher.schema import parse_override
+    from launcher.plan.search import fewest_nodes
 
-    for text in args.overrides:
-        parse_override(text)
-    cluster = load_cluster(args.cluster)
-    recipe = load_recipe(args.recipe, args.overrides)
-    model = read_model(recipe.model.path, args.recipe)
-    result = search_layouts(recipe, cluster, model)
+    cluster, recipe, model, result = _search(args)
     rows = result.candidates[:args.top] if args.top > 0 else result.candidates
     if args.json:
         print(json.dumps([c.to_dict() for c in rows]))
