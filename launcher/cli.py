@@ -178,9 +178,10 @@ def cmd_search(args) -> int:
                         f"even with every memory option; the fewest that fit: trainer.nnodes={nodes} "
                         f"({nodes * cluster.gpus_per_node} GPUs), for example with "
                         f"{' '.join(candidate.overrides)}")
+    where = ("on this machine" if cluster.backend == "local"
+             else f"nor on up to {max_nodes} nodes of cluster '{cluster.name}'")
     raise UserError(f"{args.recipe}: no layout fits {recipe.world_size} {unit}s of {cluster.gpu_memory_gib:g} GiB even "
-                    f"with every memory option, nor up to {max_nodes} nodes of cluster '{cluster.name}'; "
-                    "use GPUs with more memory or a shorter data.max_length")
+                    f"with every memory option, {where}; use GPUs with more memory or a shorter data.max_length")
 
 
 SHORT_OPTION_NAMES = {"megatron.grad_reduce_in_fp32=false": "bf16 grads",
