@@ -169,7 +169,7 @@ def cmd_search(args) -> int:
         print(search_text(args, cluster, recipe, result, rows))
     if result.candidates:
         return EXIT_OK
-    unit = "process" if cluster.on_cpu else "GPU"
+    unit = "processe" if cluster.on_cpu else "GPU"  # (plural below)
     max_nodes = cluster.max_nodes or max(1, 1024 // max(cluster.gpus_per_node, 1))
     found = None if cluster.backend == "local" else fewest_nodes(recipe, cluster, model, max_nodes)
     if found:
