@@ -169,18 +169,18 @@ def cmd_search(args) -> int:
         print(search_text(args, cluster, recipe, result, rows))
     if result.candidates:
         return EXIT_OK
-    unit = "processe" if cluster.on_cpu else "GPU"  # (plural below)
+    units = "processes" if cluster.on_cpu else "GPUs"
     max_nodes = cluster.max_nodes or max(1, 1024 // max(cluster.gpus_per_node, 1))
     found = None if cluster.backend == "local" else fewest_nodes(recipe, cluster, model, max_nodes)
     if found:
         nodes, candidate = found
-        raise UserError(f"{args.recipe}: no layout fits {recipe.world_size} {unit}s of {cluster.gpu_memory_gib:g} GiB "
+        raise UserError(f"{args.recipe}: no layout fits {recipe.world_size} {units} of {cluster.gpu_memory_gib:g} GiB "
                         f"even with every memory option; the fewest that fit: trainer.nnodes={nodes} "
                         f"({nodes * cluster.gpus_per_node} GPUs), for example with "
                         f"{' '.join(candidate.overrides)}")
     where = ("on this machine" if cluster.backend == "local"
              else f"nor on up to {max_nodes} nodes of cluster '{cluster.name}'")
-    raise UserError(f"{args.recipe}: no layout fits {recipe.world_size} {unit}s of {cluster.gpu_memory_gib:g} GiB even "
+    raise UserError(f"{args.recipe}: no layout fits {recipe.world_size} {units} of {cluster.gpu_memory_gib:g} GiB even "
                     f"with every memory option, {where}; use GPUs with more memory or a shorter data.max_length")
 
 
