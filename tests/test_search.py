@@ -22,6 +22,7 @@ CASES = [  # the shipped models on several cluster sizes
     ("qwen3_235b_a22b", "slurm", []), ("qwen3_235b_a22b", "slurm-h200", ["trainer.nnodes=2"]),
     ("mixtral_8x7b", "slurm", []), ("mixtral_8x7b", "slurm", ["trainer.nnodes=1"]),
     ("qwen2_moe", "slurm", []), ("qwen2_moe", "k8s", ["trainer.nnodes=2"]),
+    ("qwen3_235b_a22b", "slurm", ["megatron.grad_reduce_in_fp32=false"]),  # a recipe already on bf16 gradients
 ]
 
 

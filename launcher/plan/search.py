@@ -110,12 +110,12 @@ def _fastest_fit(base: Recipe, model: ModelDims, layout: Layout, node: int, capa
     Recompute and offload trade speed for memory in ways that depend on the model, so each
     mix of them is estimated; bf16 gradient buffers change the numerics, so they are taken only
     where fp32 ones do not fit (or the recipe already asks for them)."""
-    memories = {}  # by recompute
+    memories = {}  # by recompute, with fp32 gradient buffers (bf16 ones take half of that)
     best = None
     for recompute, offload in ([(True, True)] if first_fit else [(False, False), (True, False), (False, True), (True, True)]):
         if recompute not in memories:
-            memories[recompute] = stage_memories(_with_options(base, (not base.megatron.grad_reduce_in_fp32, recompute,
-                                                                      False)), model, layout, capacity, **extra)
+            memories[recompute] = stage_memories(_with_options(base, (False, recompute, False)), model, layout,
+                                                 capacity, **extra)
         stages = memories[recompute]
         for bf16_grads in ((True,) if bf16_only or first_fit else (False, True)):
             totals = [m.total - (m.grads / 2 if bf16_grads else 0) - (m.optimizer if offload else 0) for m in stages]
