@@ -4,6 +4,8 @@ holds a secret's value, and the job still receives it."""
 import hashlib
 import json
 
+import jsonschema
+import pytest
 import yaml
 
 from tests.conftest import REPO, RECIPES, run_launcher
@@ -42,10 +44,8 @@ def test_rendered_specs_reference_secrets_and_hold_no_values(tmp_path):
     assert env_entries["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
     assert env_entries["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "wandb", "key": "api-key"}
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
-    import jsonschema
-
     jsonschema.validate(job, crd_schema("kubeflow.org_pytorchjobs.yaml", "v1"))
-    kubernetes_validate = __import__("pytest").importorskip("kubernetes_validate")
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"},
                                   "template": job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]},
                                  "1.33.0", strict=True)
