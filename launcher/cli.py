@@ -78,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p = data.add_parser("check", help="rows, tokens, learned tokens, bad rows, packing, rendered samples")
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--rows", type=int, default=1000, help="how many rows to read, in file order (default 1000)")
+    p.add_argument("--cluster", help="read the paths as this cluster's job sees them (through its container mounts)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe keys to override")
     return top
@@ -540,6 +541,10 @@ def cmd_data(args) -> int:
     from launcher.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.cluster:
+        from launcher.cluster import load_cluster
+
+        recipe = data_check.as_seen_on(recipe, load_cluster(args.cluster))
     try:
         from trainer.data.parquet import DataError
 

@@ -5,6 +5,10 @@ chat template and template options, exactly as the trainer does (trainer.data), 
 rows, turns, tokens, learned tokens, truncated and bad rows, and how full packed rows are.
 Three rendered samples show the learned text between « and ». It needs transformers (which
 loads torch where it is installed), not megatron-core.
+
+With a cluster profile, the recipe's paths are read as that cluster's job sees them: a path
+inside a container mount (`container.mounts`, host:container) is read at its host side, so
+the check runs on the login node against the files the job will open.
 """
 
 from __future__ import annotations
@@ -25,11 +29,21 @@ class DataReport:
     bad_reasons: list[str] = field(default_factory=list)
     packed_rows: int = 0
     row_length: int = 0
+    rows_in_files: int = 0
+    global_batch_size: int = 1
     samples: list[str] = field(default_factory=list)
 
     @property
     def usable(self) -> int:
         return self.rows_read - self.bad
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps an epoch of all the files gives, at the rows read's packing."""
+        if not self.rows_read:
+            return 0
+        packed = self.packed_rows * self.rows_in_files / self.rows_read
+        return max(1, round(packed / self.global_batch_size)) if packed else 0
 
     @property
     def packing_efficiency(self) -> float:
@@ -40,7 +54,27 @@ class DataReport:
                 "bad_reasons": self.bad_reasons, "turns": self.turns, "tokens": self.tokens,
                 "learned_tokens": self.learned, "longest_tokens": self.longest, "truncated_rows": self.truncated,
                 "packed_rows": self.packed_rows, "row_length": self.row_length,
-                "packing_efficiency": round(self.packing_efficiency, 4), "samples": self.samples}
+                "packing_efficiency": round(self.packing_efficiency, 4), "rows_in_files": self.rows_in_files,
+                "steps_per_epoch": self.steps_per_epoch, "samples": self.samples}
+
+
+def as_seen_on(recipe, cluster):
+    """The recipe with its data and tokenizer paths read where `cluster`'s job reads them."""
+    if cluster is None or cluster.container.runtime == "none":
+        return recipe
+    mounts = sorted((m.split(":")[:2] for m in cluster.container.mounts if ":" in m), key=lambda m: -len(m[1]))
+
+    def host(path: str) -> str:
+        for outside, inside in mounts:
+            if path == inside or path.startswith(inside.rstrip("/") + "/"):
+                return outside.rstrip("/") + path[len(inside.rstrip("/")):]
+        return path
+
+    data = recipe.data
+    data.train_files = [host(f) for f in data.train_files]
+    data.val_files = [host(f) for f in data.val_files]
+    recipe.model.tokenizer_path = host(recipe.model.tokenizer_path)
+    return recipe
 
 
 def check(recipe, max_rows: int, show: int = 3) -> DataReport:
@@ -51,7 +85,8 @@ def check(recipe, max_rows: int, show: int = 3) -> DataReport:
     data = recipe.data
     tokenizer = load_tokenizer(recipe.model.tokenizer_path)
     reader = SFTData(data.train_files, data, tokenizer, recipe.trainer.seed)  # its files, columns and truncation
-    report = DataReport(files=data.train_files, row_length=data.max_length)
+    report = DataReport(files=data.train_files, row_length=data.max_length, global_batch_size=data.global_batch_size,
+                        rows_in_files=sum(group.num_rows for group in reader.groups))
     samples = []
     for file, number, row in shuffled_rows(reader.groups, reader.columns, 0, 0, shuffle=False):
         if report.rows_read >= max_rows:
@@ -110,6 +145,8 @@ def text(report: DataReport, recipe_path: str, skip_bad_rows: bool, truncation: 
         f"learned     {r.learned:,} tokens ({r.learned / max(r.tokens, 1):.1%} of all)",
         f"truncated   {r.truncated:,} rows (data.truncation: {truncation})",
         f"packing     {r.packed_rows:,} rows of {r.row_length:,} tokens, {r.packing_efficiency:.1%} filled",
+        f"epoch       {r.rows_in_files:,} rows in the files: about {r.steps_per_epoch:,} steps of "
+        f"{r.global_batch_size:,} packed rows",
     ]
     for reason in r.bad_reasons:
         lines.append(f"bad row     {reason}")

@@ -1,7 +1,12 @@
-"""Loss masks under chat templates that are not prefix-stable: a published Qwen3 template
-(tests/templates/SOURCES.md), whose thinking block appears only on assistant turns after the
-last user message, and a small template written here that renders every turn differently
-depending on how many turns follow it. Exactly the assistant turns' text is learned."""
+"""Loss masks under the chat templates the four model families publish (tests/templates/,
+sources in its SOURCES.md) and under templates that are not prefix-stable: Qwen3's thinking
+block appears only on assistant turns after the last user message, and a small template
+written here renders every turn differently depending on how many turns follow it. Exactly
+the assistant turns' text is learned; tests/templates/learned.json holds, per template and
+conversation, the text of each learned turn (UPDATE_GOLDEN=1 rewrites it)."""
+
+import json
+import os
 
 import pytest
 
@@ -14,12 +19,89 @@ pytest.importorskip("transformers")
 from trainer.data.chat import assistant_spans, load_tokenizer, tokenize_conversation  # noqa: E402
 from trainer.data.parquet import BadRow  # noqa: E402
 
-QWEN3 = (REPO / "tests" / "templates" / "qwen3_thinking.jinja").read_text()
+TEMPLATES = REPO / "tests" / "templates"
+QWEN3 = (TEMPLATES / "qwen3_thinking.jinja").read_text()
+
+SORT = {"type": "function", "function": {"name": "sort", "arguments": '{"items": ["b", "a"]}'}}
+CONVERSATIONS = {  # name: (messages, template options)
+    "single": ([{"role": "user", "content": "Sort: b a"}, {"role": "assistant", "content": "a b"}], {}),
+    "multi": ([{"role": "user", "content": "Sort: b a"}, {"role": "assistant", "content": "a b"},
+               {"role": "user", "content": "Again: d c"}, {"role": "assistant", "content": "c d"}], {}),
+    "system": ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort: b a"},
+                {"role": "assistant", "content": "a b"}, {"role": "user", "content": "Again: d c"},
+                {"role": "assistant", "content": "c d"}], {}),
+    # a tool call's content: None as DeepSeek-V3's template needs (it tells a call by `content is
+    # none`), "" as Qwen3's needs (it searches the content for "</think>")
+    "tools": ([{"role": "user", "content": "Sort b a"}, {"role": "assistant", "content": None, "tool_calls": [SORT]},
+               {"role": "tool", "content": '["a", "b"]'}, {"role": "assistant", "content": "a b"}], {}),
+    "tools_empty_content": ([{"role": "user", "content": "Sort b a"},
+                             {"role": "assistant", "content": "", "tool_calls": [SORT]},
+                             {"role": "tool", "content": '["a", "b"]'}, {"role": "assistant", "content": "a b"}], {}),
+    "reasoning": ([{"role": "user", "content": "Sort: b a"},
+                   {"role": "assistant", "content": "a b", "reasoning_content": "Two letters."},
+                   {"role": "user", "content": "Again: d c"},
+                   {"role": "assistant", "content": "c d", "reasoning_content": "Same again."}], {}),
+    "no_thinking": ([{"role": "user", "content": "Sort: b a"}, {"role": "assistant", "content": "a b"},
+                     {"role": "user", "content": "Again: d c"}, {"role": "assistant", "content": "c d"}],
+                    {"enable_thinking": False}),
+}
+# template file: (bos and eos tokens of the model's tokenizer_config.json, conversations it renders)
+PUBLISHED = {
+    "mixtral_8x7b_instruct": ("<s>", "</s>", ["single", "multi", "system"]),
+    "qwen1_5_chat": (None, "<|im_end|>", ["single", "multi", "system"]),
+    "qwen2_chatml": (None, "<|im_end|>", ["single", "multi", "system"]),
+    "qwen3_hybrid": (None, "<|im_end|>", ["single", "multi", "system", "tools_empty_content", "reasoning",
+                                        "no_thinking"]),
+    "deepseek_v3": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ["single", "multi", "system"]),
+}
 
 
 @pytest.fixture()
 def tokenizer():
     return load_tokenizer(load_recipe(TINY).model.tokenizer_path)
+
+
+def published_tokenizer(name: str):
+    """The tiny tokenizer dressed as the model's: its template and its bos/eos tokens."""
+    bos, eos, _ = PUBLISHED[name]
+    tokenizer = load_tokenizer(load_recipe(TINY).model.tokenizer_path)
+    tokenizer.chat_template = (TEMPLATES / f"{name}.jinja").read_text()
+    tokenizer.bos_token, tokenizer.eos_token = bos, eos
+    return tokenizer
+
+
+def test_published_templates_learn_exactly_the_assistant_turns():
+    """Each learned turn's text is the golden one, and the tokens that get loss decode to
+    exactly those texts: nothing of system, user or tool turns or of a generation prompt."""
+    golden_file = TEMPLATES / "learned.json"
+    found = {}
+    for name, (_, _, conversations) in PUBLISHED.items():
+        tokenizer = published_tokenizer(name)
+        for conversation in conversations:
+            messages, options = CONVERSATIONS[conversation]
+            text, spans = assistant_spans(tokenizer, messages, "test", options)
+            turns = [text[a:b] for a, b in spans]
+            ids, mask = tokenize_conversation(tokenizer, messages, "test", options)
+            assert tokenizer.decode([t for t, m in zip(ids, mask) if m]) == "".join(turns), (name, conversation)
+            found[f"{name} {conversation}"] = turns
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden_file.write_text(json.dumps(found, indent=1, ensure_ascii=False) + "\n")
+    assert found == json.loads(golden_file.read_text())
+
+
+def test_a_row_the_template_refuses_is_a_bad_row_with_the_templates_reason():
+    tokenizer = published_tokenizer("mixtral_8x7b_instruct")  # no tool role
+    with pytest.raises(BadRow, match=r"^data.parquet: row 4: the chat template refuses the conversation: "
+                                     r".*roles must alternate"):
+        tokenize_conversation(tokenizer, CONVERSATIONS["tools_empty_content"][0], "data.parquet: row 4")
+
+
+def test_deepseek_v3_tool_calls_are_refused_with_the_reason():
+    """DeepSeek-V3's template renders a tool call only for `content is none`, and transformers
+    drops None values before rendering: such rows cannot be rendered; the user is told why."""
+    tokenizer = published_tokenizer("deepseek_v3")
+    with pytest.raises(BadRow, match=r"^data.parquet: row 2: the chat template refuses .* without a 'content' key"):
+        tokenize_conversation(tokenizer, CONVERSATIONS["tools"][0], "data.parquet: row 2")
 
 
 def learned(tokenizer, template, messages, **kwargs):

@@ -182,3 +182,33 @@ def test_data_check_reads_json_lines_and_names_bad_rows(tmp_path):
     code, out, _ = run_launcher("data", "check", str(recipe), "data.skip_bad_rows=true", "--json")
     report = json.loads(out)
     assert code == 0 and report["usable_rows"] == 3 and report["learned_tokens"] > 0
+
+
+def test_data_check_on_a_cluster_reads_the_files_behind_its_container_mounts(tmp_path):
+    """The recipe names the data as the job's container sees it (/shared/...); with --cluster the
+    check reads the host side of the profile's mount, and says how many steps an epoch gives."""
+    import json
+    import shutil
+
+    import yaml
+
+    from tests.conftest import REPO, run_launcher
+    from tests.trainer_helpers import write_recipe
+
+    host = tmp_path / "host-shared"
+    (host / "sft").mkdir(parents=True)
+    shutil.copy(REPO / "recipes" / "data" / "tiny_sft.parquet", host / "sft" / "train.parquet")
+    profile = yaml.safe_load((REPO / "clusters" / "slurm.yaml").read_text())
+    profile["container"]["mounts"] = [f"{tmp_path}/elsewhere:/shared/other", f"{host}:/shared"]
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(profile))
+    recipe = write_recipe(tmp_path / "run", "data.train_files=/shared/sft/train.parquet", "data.val_files=[]",
+                          "data.global_batch_size=2")
+    code, _, err = run_launcher("data", "check", str(recipe))
+    assert code == 2 and "/shared/sft/train.parquet: no such data file" in err
+    code, out, err = run_launcher("data", "check", str(recipe), "--cluster", str(tmp_path / "cluster.yaml"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["files"] == [f"{host}/sft/train.parquet"] and report["usable_rows"] > 0
+    # 1,200 rows in the file, the first 1,000 read: an epoch scales their packed rows up
+    assert report["rows_in_files"] == 1200 and report["rows_read"] == 1000
+    assert report["steps_per_epoch"] == round(report["packed_rows"] * 1.2 / 2)

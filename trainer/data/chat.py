@@ -14,13 +14,18 @@ assistant turn's span is found inside the whole rendering instead:
   text the turn renders too, such as an empty thinking block under enable_thinking: false);
 - where it ends: the two renderings agree again after the turn's text; the turn takes in the
   end-of-turn text that the template writes after an assistant message (`<|im_end|>\\n`,
-  `</s>`, ...), read off a rendering that ends with the marker turn.
+  `</s>`, ...), read off a rendering that ends with the marker turn. A template that leaves
+  the final message open (Qwen1.5's writes `<|im_end|>` only between turns) would never teach
+  the model to stop: where it closes earlier assistant turns with the tokenizer's end-of-sequence
+  token, that token ends every assistant turn, and is added after an open final one.
 
 System, user and tool turns are never learned. A turn whose span cannot be located is a
 BadRow naming the turn.
 """
 
 from __future__ import annotations
+
+from jinja2 import TemplateError
 
 from trainer.data.parquet import BadRow
 
@@ -56,8 +61,18 @@ def render(tokenizer, messages: list[dict], kwargs: dict, generation_prompt: boo
 
 def assistant_spans(tokenizer, messages: list[dict], where: str, kwargs: dict) -> tuple[str, list[tuple[int, int]]]:
     """The whole rendering and the [start, end) character spans of its assistant turns."""
-    text = render(tokenizer, messages, kwargs)
+    try:
+        text = render(tokenizer, messages, kwargs)
+    except (TemplateError, TypeError) as err:  # raise_exception(...) in the template, or a None it adds to text
+        hint = ""
+        if any(m.get("tool_calls") and not m.get("content") for m in messages):
+            # transformers drops keys whose value is None before rendering; DeepSeek-V3's template
+            # tells a tool call by `content is none`, so it cannot render one through transformers
+            hint = ("; a tool-call turn without content reaches the template without a 'content' key "
+                    "(transformers drops None values), which this template does not handle")
+        raise BadRow(f"{where}: the chat template refuses the conversation: {err}{hint}") from None
     spans = []
+    closing = None  # the end-of-turn of a template that leaves the final turn open, found once
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -71,6 +86,12 @@ def assistant_spans(tokenizer, messages: list[dict], where: str, kwargs: dict) -
             start = len(prompt)
         last = render(tokenizer, [*messages[:i], {"role": "assistant", "content": MARKER}], kwargs)
         end_of_turn = last[last.index(MARKER) + len(MARKER):]
+        if not end_of_turn:
+            if closing is None:
+                closing = _closing_token(tokenizer, messages[:i], kwargs)
+            end_of_turn = closing
+            if end == len(text):
+                text += end_of_turn
         if not text.startswith(end_of_turn, end):
             raise BadRow(f"{where}: turn {i}: the chat template's end of an assistant turn "
                          f"({end_of_turn!r}) does not follow the turn in the conversation; its loss mask "
@@ -79,6 +100,18 @@ def assistant_spans(tokenizer, messages: list[dict], where: str, kwargs: dict) -
             raise BadRow(f"{where}: turn {i}: the assistant turn renders no text of its own; nothing to learn")
         spans.append((start, end + len(end_of_turn)))
     return text, spans
+
+
+def _closing_token(tokenizer, before: list[dict], kwargs: dict) -> str:
+    """The end-of-sequence token, if the template writes it right after an assistant turn that
+    another message follows; else "" (the template ends turns with nothing)."""
+    eos = tokenizer.eos_token or ""
+    follow = [*before, {"role": "assistant", "content": MARKER}, {"role": "user", "content": "?"}]
+    try:
+        probe = render(tokenizer, follow, kwargs)
+    except Exception:  # noqa: BLE001 - a template that refuses the probe's order: no evidence either way
+        return ""
+    return eos if eos and probe.startswith(eos, probe.index(MARKER) + len(MARKER)) else ""
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -172,5 +172,7 @@ def to_messages(row: dict, file: str, number: int, data) -> list[dict]:
     assistant = [m for m in messages if m["role"] == "assistant"]
     if not assistant or not any((m.get("content") or "").strip() or m.get("tool_calls") for m in assistant):
         raise BadRow(f"{where}: no assistant response to learn from (empty response)")
-    # what chat templates read; a parquet struct column gives every key, None where a row has none
-    return [{k: v for k, v in m.items() if k in MESSAGE_KEYS and v is not None} for m in messages]
+    # what chat templates read; a parquet struct column gives every key, None where a row has none.
+    # `content` stays, None too: DeepSeek-V3's template tells a tool-call turn by `content is none`.
+    return [{k: v for k, v in m.items() if k in MESSAGE_KEYS and (v is not None or k == "content")}
+            for m in messages]
