@@ -2,7 +2,7 @@
 
     python3 bench/gpu_speed.py NAME [--models qwen3_moe_8l,qwen3_30b_a3b_slice] [--hf-mb 1,2,4]
         [--ours-mb 1,2,4] [--ablate attention,norm,grad_accum,adam,permute] [--extra plain,bf16_grads,long]
-        [--te-mb 4,8]
+        [--te-mb 4,8] [--lora-mb 4]
 
 Runs the bf16 matmul ceiling (an 8192^3 product), checks each fused kernel against the plain
 code it replaces (asserts), then for each model `transformers` and the trainer at each
@@ -10,7 +10,8 @@ micro-batch size, the trainer with each fused piece turned off (ablation), and t
 `plain` (every piece off: the trainer as it was), `bf16_grads` (megatron.grad_reduce_in_fp32
 false), `long` (one 4096-token sample per row: the same attention work as `transformers`). `ours` is
 the TE-free path (MOE_TRANSFORMER_ENGINE=0); `--te-mb` adds `ours_te`, the transformer-engine
-path that the job image runs (and `ours_te_long`).
+path that the job image runs (and `ours_te_long`); `--lora-mb` adds `ours_lora`, LoRA rank 16
+on a frozen base.
 Writes bench/results/NAME.json (and $OUT/NAME.json when $OUT is set) and prints a table.
 The FLOP formula is bench/README.md's.
 """
@@ -250,7 +251,7 @@ def run_ours(name: str, model_dir: Path, mb: int, overrides: list[str], plain: s
         if metrics.exists():
             steps = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
             steps = [s for s in steps if "loss" in s]
-            if len(steps) >= STEPS:
+            if len(steps) >= STEPS and (profile is None or profile.exists()):  # the profile is written after the log
                 break
     stop_and_free_gpu(proc, run_dir / "recipe.yaml")
     log.close()
@@ -269,6 +270,21 @@ def run_ours(name: str, model_dir: Path, mb: int, overrides: list[str], plain: s
             "step_time_s": round(median, 4), "peak_mem_gib": round(max(s["peak_memory_gib"] for s in steps), 2),
             "loss_first": steps[0]["loss"], "grad_norm_first": steps[0]["grad_norm"],
             "loss_last": steps[-1]["loss"], "planner_mem_gib": planner_gib(overrides)}
+
+
+def lora_base(model_dir: Path, work: Path = Path("/tmp/bench-lora")) -> Path:
+    """A base checkpoint for LoRA rows: random bf16 weights from the config, saved by
+    transformers and converted by `launcher convert hf-to-mcore` (weights only, no optimizer)."""
+    hf, base = work / "hf", work / "base"
+    subprocess.run(["rm", "-rf", str(work)])
+    script = ("import sys, torch\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
+              "config = AutoConfig.from_pretrained(sys.argv[1])\n"
+              "AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(sys.argv[2])\n")
+    subprocess.run([sys.executable, "-c", script, str(model_dir), str(hf)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "trainer.convert", "hf-to-mcore", "--hf-model-path", str(hf),
+                    "--output-path", str(base)], check=True, timeout=300, cwd=REPO,
+                   env={**os.environ, "PYTHONPATH": python_path(False)})
+    return base
 
 
 def stop_and_free_gpu(proc, recipe: Path) -> None:
@@ -300,6 +316,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile the best `ours` run's last two steps")
     parser.add_argument("--te-mb", default="", help="the trainer with transformer-engine at these micro-batch "
                         "sizes (rows ours_te), and its long-sample row at the best")
+    parser.add_argument("--lora-mb", default="", help="LoRA (rank 16, the default targets) at these micro-batch "
+                        "sizes (rows ours_lora), on a base converted from random Hugging Face weights")
     args = parser.parse_args()
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     words = lambda text: [x for x in text.split(",") if x]  # noqa: E731
@@ -362,6 +380,11 @@ def main() -> None:
             add(run_ours(f"ours_ep{gpus}", model_dir, best_mb, [], gpus=gpus), "packed")
         for mb in ints(args.te_mb):
             add(run_ours("ours_te", model_dir, mb, [], te=True), "packed")
+        if args.lora_mb:
+            base = lora_base(model_dir)
+            for mb in ints(args.lora_mb):
+                add(run_ours("ours_lora", model_dir, mb, ["model.lora.rank=16", f"megatron.dist_checkpointing_path={base}"]),
+                    "packed")
         done_te = [r for r in rows if r["name"] == "ours_te" and "tokens_per_s" in r]
         if done_te and "long" in words(args.extra):
             te_mb = max(done_te, key=lambda r: r["tokens_per_s"])["micro_batch_size"]

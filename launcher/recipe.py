@@ -37,6 +37,35 @@ class OverrideConfig:
     moe_config: MoeConfig = field(default_factory=MoeConfig)
 
 
+# megatron-core's linear layers a LoRA adapter may sit on (verl's names); "all-linear" is all of
+# them but the router, which is adapted only when named.
+LORA_MODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "linear_q_proj", "linear_q_down_proj",
+                "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj", "router")
+
+
+@dataclass
+class LoraSection:
+    rank: int = 0  # 0: full fine-tuning
+    alpha: float = 32.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input
+    target_modules: list[str] = field(
+        default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    # module names, or glob patterns over the module's path ("*.layers.0.*")
+    exclude_modules: list[str] = field(default_factory=list)
+    # routed experts: one A/B pair per expert, or one pair that every expert shares
+    expert_adapters: str = choices("per_expert", "shared", default="per_expert")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def targets(self) -> set[str]:
+        names = set(self.target_modules)
+        if "all-linear" in names:
+            names = (names - {"all-linear"}) | {m for m in LORA_MODULES if m != "router"}
+        return names - {m for m in self.exclude_modules if "*" not in m}
+
+
 @dataclass
 class ModelSection:
     path: str  # a Hugging Face model folder holding config.json (and the tokenizer)
@@ -47,6 +76,7 @@ class ModelSection:
     enable_mtp: bool = False
     mtp_loss_scale: float = 0.1
     override_config: OverrideConfig = field(default_factory=OverrideConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
 
 
 @dataclass
@@ -255,6 +285,9 @@ def _check(recipe: Recipe, path: Path, lines) -> None:
         bad("megatron.sequence_parallel", "true needs megatron.tensor_model_parallel_size > 1; set it to false")
     if not _TIME.fullmatch(recipe.job.time_limit):
         bad("job.time_limit", f"'{recipe.job.time_limit}' is not a Slurm time; write HH:MM:SS or D-HH:MM:SS")
+    if recipe.optim.min_lr > recipe.optim.lr:
+        bad("optim.min_lr", f"{recipe.optim.min_lr} is above optim.lr={recipe.optim.lr}; the schedule decays from "
+            "lr down to min_lr, so set min_lr to at most lr")
     if len(recipe.optim.betas) != 2:
         bad("optim.betas", f"{recipe.optim.betas} needs two numbers, for example [0.9, 0.95]")
     kwargs = recipe.data.apply_chat_template_kwargs
@@ -268,6 +301,23 @@ def _check(recipe: Recipe, path: Path, lines) -> None:
             bad(f"job.env.{name}", "looks like a secret, and job.env values are written into the job spec; "
                 f"list {name} in job.secrets instead and set it in the environment of `launcher submit` "
                 "(Kubernetes: the profile's kubernetes.secrets)")
+    lora = recipe.model.lora
+    if lora.rank < 0:
+        bad("model.lora.rank", f"{lora.rank} must be 0 (full fine-tuning) or more")
+    if not 0.0 <= lora.dropout < 1.0:
+        bad("model.lora.dropout", f"{lora.dropout} must be at least 0 and below 1")
+    valid = ", ".join((*LORA_MODULES, "all-linear"))
+    for key in ("target_modules", "exclude_modules"):
+        for name in getattr(lora, key):
+            if name not in (*LORA_MODULES, "all-linear") and not (key == "exclude_modules" and "*" in name):
+                bad(f"model.lora.{key}", f"'{name}' is not a module LoRA can adapt; valid: {valid}"
+                    + (" (or a glob pattern over module paths, such as '*.layers.0.*')" if key == "exclude_modules"
+                       else ""))
+    if lora.enabled and not lora.targets():
+        bad("model.lora.target_modules", "no module is left to adapt after exclude_modules")
+    if lora.enabled and not recipe.megatron.dist_checkpointing_path:
+        bad("model.lora.rank", "LoRA trains adapters on a base model: set megatron.dist_checkpointing_path to "
+            "its megatron-core checkpoint (`launcher convert hf-to-mcore`)")
     for name in recipe.job.secrets:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             bad("job.secrets", f"'{name}' is not a valid environment variable name")

@@ -111,14 +111,22 @@ def _unwrap(chunk):
 MODEL_FORMAT = {"non_homogeneous_layers": True, "singleton_local_shards": True}
 
 
-def _model_state(model_chunks) -> dict:
+def _model_state(model_chunks, base: bool = False) -> dict:
     """The model's sharded state, without transformer-engine's per-layer extra state (FP8
-    scaling history, unused here), so TE and TE-free runs read each other's checkpoints."""
+    scaling history, unused here), so TE and TE-free runs read each other's checkpoints.
+    A LoRA run's state is its adapters (trainer.model.lora); `base` asks for the frozen base
+    weights instead, which come from the base checkpoint."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from trainer.model import lora
+
+    if not base and lora.adapters(model_chunks):
+        return {"adapters": lora.adapter_state(model_chunks)}
 
     def weights(chunk):
         state = _unwrap(chunk).sharded_state_dict(metadata=MODEL_FORMAT)
-        return {k: v for k, v in state.items() if not (isinstance(v, ShardedObject) and "_extra_state" in k)}
+        return {k: v for k, v in state.items()
+                if not (isinstance(v, ShardedObject) and "_extra_state" in k) and lora.ADAPTER_KEY not in k}
 
     if len(model_chunks) == 1:
         return {"model": weights(model_chunks[0])}
@@ -128,10 +136,15 @@ def _model_state(model_chunks) -> dict:
 def _load_model(loaded: dict, model_chunks, path: Path) -> None:
     """Weights into the chunks; a checkpoint's common state (the optimizer's, when it has one)
     comes back from dist_checkpointing beside them, under its own keys."""
+    from trainer.model import lora
+
+    if "adapters" in loaded:
+        lora.load_adapters(loaded["adapters"], model_chunks)
+        return
     names = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
     for name, chunk in zip(names, model_chunks):
         missing, unexpected = _unwrap(chunk).load_state_dict(loaded[name], strict=False)
-        missing = [k for k in missing if "_extra_state" not in k]
+        missing = [k for k in missing if "_extra_state" not in k and lora.ADAPTER_KEY not in k]
         if missing or unexpected:
             raise ValueError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
@@ -304,8 +317,15 @@ def load_weights(path: Path, model_chunks) -> None:
     trainer checkpoint."""
     from megatron.core import dist_checkpointing
 
-    state = _model_state(model_chunks)
+    state = _model_state(model_chunks, base=True)
     _load_model(dist_checkpointing.load(state, str(path)), model_chunks, path)
+
+
+def load_adapters(path: Path, model_chunks) -> None:
+    """A LoRA run's adapters, without its optimizer (the base weights come from load_weights)."""
+    from megatron.core import dist_checkpointing
+
+    _load_model(dist_checkpointing.load(_model_state(model_chunks), str(path)), model_chunks, path)
 
 
 def load(path: Path, model_chunks, optimizer, scheduler) -> dict:

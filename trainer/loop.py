@@ -115,6 +115,11 @@ def build(recipe, run_dir: Path) -> Run:
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             vp_stage=stage))
+    if recipe.model.lora.enabled:  # the base frozen: megatron-core builds no gradient buffer or state for it
+        from trainer.model import lora
+
+        for chunk in chunks:
+            lora.attach(chunk, recipe.model.lora, recipe.trainer.seed)
     for chunk in chunks:
         chunk.to(devices.device())
         _mark_replicated_experts(chunk, meg)
@@ -156,7 +161,9 @@ def _mark_replicated_experts(model, meg) -> None:
     if meg.expert_model_parallel_size > 1 or meg.expert_tensor_parallel_size == meg.tensor_model_parallel_size:
         return
     for name, param in model.named_parameters():
-        if ".mlp.experts." in name:  # routed experts (shared experts are ordinary TP-sharded weights)
+        # routed experts (shared experts are ordinary TP-sharded weights); LoRA adapters say
+        # themselves how they are reduced (trainer.model.lora)
+        if ".mlp.experts." in name and ".lora" not in name:
             param.allreduce = False
 
 
@@ -399,6 +406,8 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         refused = refusal(ckpt_root, recipe.to_dict())
         if refused:
             raise UserError(refused)
+        if recipe.model.lora.enabled:  # a LoRA checkpoint holds the adapters: the base comes from its own
+            checkpoint.load_weights(Path(recipe.megatron.dist_checkpointing_path), run.model)
         state = checkpoint.load(resume, run.model, run.optimizer, run.scheduler)
         step, epoch, taken = state["step"], state["epoch"], state["rows_taken"]
         if rank0:
@@ -408,6 +417,12 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         if rank0:
             print(f"initial weights from {recipe.megatron.dist_checkpointing_path}", flush=True)
 
+    if recipe.model.lora.enabled and rank0:
+        from trainer.model.lora import counts
+
+        held = counts(run.model, run.optimizer)
+        print(f"lora: rank 0 holds trainable {held['trainable']:,} and frozen {held['frozen']:,} parameters; "
+              f"gradient buffers {held['grad_buffers']:,}; optimized {held['optimized']:,}", flush=True)
     total = recipe.trainer.total_training_steps
     if step >= total:  # submitted again after it finished: train nothing, write nothing
         if rank0:
@@ -434,6 +449,8 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         offload_grads(run, True)
         state = {"step": step, "epoch": epoch, "rows_taken": taken, "counts": dict(train_data.counts),
                  "recipe": recipe.to_dict()}  # what this run is (launcher.resume)
+        if recipe.model.lora.enabled:  # the adapters' base, for `launcher convert`
+            state["lora_base"] = recipe.megatron.dist_checkpointing_path
         path = checkpoint.save(ckpt_root, step, run.model, run.optimizer, run.scheduler, state,
                                keep=recipe.trainer.max_ckpt_to_keep)
         offload_grads(run, False)

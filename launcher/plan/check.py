@@ -8,8 +8,9 @@ from launcher.cluster import Cluster
 from launcher.errors import UserError
 from launcher.plan.layout import Layout, plan_layout
 from launcher.plan.memory import Memory, estimate_memory, memory_budget
+from launcher.plan.lora import adapted
 from launcher.plan.models import ModelDims
-from launcher.recipe import Recipe
+from launcher.recipe import LoraSection, Recipe
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ def make_plan(recipe: Recipe, cluster: Cluster, model: ModelDims) -> Plan:
         raise UserError(f"trainer.nnodes={trainer.nnodes}: cluster '{cluster.name}' runs on this machine only; "
                         "set trainer.nnodes=1")
     layout = plan_layout(recipe, model, cluster.gpus_per_node or None)
+    _check_lora(recipe, model, layout)
     problems = []
     if not cluster.on_cpu and trainer.n_gpus_per_node > cluster.gpus_per_node:
         problems.append(f"trainer.n_gpus_per_node={trainer.n_gpus_per_node}: nodes of cluster '{cluster.name}' "
@@ -52,6 +54,21 @@ def make_plan(recipe: Recipe, cluster: Cluster, model: ModelDims) -> Plan:
     if not memory.fits:
         problems.append(_memory_problem(recipe, cluster, memory))
     return Plan(model=model, layout=layout, memory=memory, problems=tuple(problems))
+
+
+def _check_lora(recipe: Recipe, model: ModelDims, layout) -> None:
+    lora = recipe.model.lora
+    if not lora.enabled:
+        return
+    targets = adapted(model, lora)
+    if not targets:
+        raise UserError(f"model.lora.target_modules: {model.family} has none of {sorted(lora.targets())}; "
+                        f"it has {', '.join(sorted(adapted(model, LoraSection(target_modules=['all-linear', 'router']))))}")
+    if layout.etp > 1 and model.num_experts and targets & {"linear_fc1", "linear_fc2"}:
+        # an expert split over ETP would need its adapter split and reduced with it; not built yet
+        raise UserError(f"model.lora: adapters on the routed experts need megatron.expert_tensor_parallel_size=1 "
+                        f"(it is {layout.etp}); set it to 1, or leave linear_fc1/linear_fc2 out of "
+                        "model.lora.target_modules")
 
 
 def _memory_problem(recipe: Recipe, cluster: Cluster, memory: Memory) -> str:

@@ -12,6 +12,9 @@ The model, per pipeline stage (the report is the fullest stage):
   `model.enable_gradient_checkpointing` (full recompute) a layer keeps only its input,
   plus one layer's working set during backward; the last stage adds the logits;
 - a fixed allowance for the CUDA context, NCCL buffers and allocator slack.
+With LoRA (`model.lora.rank` > 0) the base weights are frozen: bf16 weights only, no gradients
+or optimizer states; the adapters (launcher.plan.lora) have their weights, fp32 gradients and
+Adam states, and their branches' activations add to each layer's.
 `megatron.param_offload` and `grad_offload` move weights and gradients to host memory
 between steps (checkpointing, validation); a step needs them on the GPU, so they do not
 lower the peak counted here.
@@ -22,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from launcher.cluster import Cluster
+from launcher.plan import lora as adapters
 from launcher.plan.layout import Layout
 from launcher.plan.models import ModelDims
 from launcher.recipe import Recipe
@@ -119,7 +123,9 @@ def layer_activation_bytes(model: ModelDims, layout: Layout, recipe: Recipe, moe
         mlp = 2 * (tokens * 2 * h + experts + shared) + 4 * tokens * model.num_experts  # router probs fp32
     else:
         mlp = 2 * (tokens * 2 * h + s * b * 3 * model.dense_ffn / tp)
-    return attn + mlp
+    lora = recipe.model.lora
+    branches = adapters.layer_adapter_activations(model, lora, moe, s * b, s * b * model.topk) if lora.enabled else 0
+    return attn + mlp + branches
 
 
 def memory_budget(recipe: Recipe, cluster: Cluster) -> tuple[float, float]:
@@ -144,6 +150,10 @@ def stage_memories(recipe: Recipe, model: ModelDims, layout: Layout, capacity_gi
     for stage in range(layout.pp):
         dense, expert = stage_params(model, layout, stage, _mtp_layers(recipe, model))
         params = 2 * (dense + expert)
+        if recipe.model.lora.enabled:  # the base is frozen: only the adapters train
+            frozen = params
+            dense, expert = stage_adapter_params(recipe, model, layout, stage)
+            params = frozen + 2 * (dense + expert)
         grads = (4 if meg.grad_reduce_in_fp32 else 2) * (dense + expert)
         if meg.use_distributed_optimizer:
             optim = 12 * (dense / (layout.dp * layout.cp) + expert / layout.edp)
@@ -157,6 +167,17 @@ def stage_memories(recipe: Recipe, model: ModelDims, layout: Layout, capacity_gi
                              overhead=overhead_gib, capacity=capacity_gib, stage=stage,
                              optimizer_on_host=on_host / GIB, params_per_gpu=int(dense + expert)))
     return stages
+
+
+def stage_adapter_params(recipe: Recipe, model: ModelDims, layout: Layout, stage: int) -> tuple[float, float]:
+    """(dense, expert) LoRA adapter parameters one GPU of pipeline stage `stage` holds (the
+    decoder's layers; multi-token-prediction layers are not adapted)."""
+    start = sum(layout.stage_layers[:stage])
+    dense = expert = 0.0
+    for layer in range(start, start + layout.stage_layers[stage]):
+        d, e = adapters.layer_adapter_params(model, recipe.model.lora, layer in model.moe_layers, layout.tp, layout.ep)
+        dense, expert = dense + d, expert + e
+    return dense, expert
 
 
 def _stage_activations(recipe: Recipe, model: ModelDims, layout: Layout, stage: int) -> float:

@@ -18,6 +18,8 @@ step, on the slowest pipeline stage of one GPU:
 - PP bubble: (PP - 1) / VPP micro-batch times on top of the micro-batches of the step (1F1B);
 - optimizer: Adam over this GPU's shard from GPU memory, or with optimizer_offload over PCIe
   and the host's CPU.
+With LoRA the frozen weights' gradients are never computed (4 of the 6 FLOPs per parameter
+and token remain) and only the adapters are reduced and updated.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass, replace
 
 from launcher.cluster import Cluster
 from launcher.plan.layout import Layout
-from launcher.plan.memory import stage_params
+from launcher.plan.memory import stage_adapter_params, stage_params
 from launcher.plan.models import ModelDims
 from launcher.recipe import Recipe
 
@@ -127,6 +129,9 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
     dense_moe, expert_moe = flops_per_token(model, seq, True)
     dense_plain, _ = flops_per_token(model, seq, False)
     recompute = 4 / 3 if recipe.model.enable_gradient_checkpointing else 1.0
+    # LoRA: the frozen base's weight gradients are never computed, 2 of each weight's 6 FLOPs a
+    # token (the adapters' own are a rank's worth: left out); embedding and head stay as they are
+    frozen = 4 / 6 if recipe.model.lora.enabled else 1.0
     moe_set = set(model.moe_layers)
     mtp = model.mtp_layers if recipe.model.enable_mtp else 0
     kv_width = (model.num_heads * (model.qk_nope_dim + model.qk_rope_dim + model.v_head_dim) if model.mla
@@ -139,8 +144,8 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
         start += count
         n_moe = len(moe_set.intersection(layers)) + (mtp if stage == pp - 1 else 0)
         n_dense = count - len(moe_set.intersection(layers))
-        flops_dense = tokens * (n_moe * dense_moe + n_dense * dense_plain) * recompute
-        flops_expert = tokens * n_moe * expert_moe * recompute
+        flops_dense = tokens * (n_moe * dense_moe + n_dense * dense_plain) * recompute * frozen
+        flops_expert = tokens * n_moe * expert_moe * recompute * frozen
         if stage == pp - 1:  # output layer(s) and loss
             flops_dense += tokens * (1 + mtp) * 6 * model.hidden * model.vocab
         compute = (flops_dense + flops_expert / expert_eff) / (tp * cp) / peak
@@ -165,6 +170,8 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
 
     # Once per step: gradient reduce-scatter and parameter all-gather, then Adam on the shard.
     dense, expert = stage_params(model, layout, slowest, mtp)
+    if recipe.model.lora.enabled:  # only the adapters have gradients and optimizer states
+        dense, expert = stage_adapter_params(recipe, model, layout, slowest)
     meg = recipe.megatron
     grad_bytes = 4 if meg.grad_reduce_in_fp32 else 2
     dense_group, expert_group = layout.dp * layout.cp, layout.edp

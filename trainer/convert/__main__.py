@@ -34,6 +34,8 @@ def parse(argv):
     to_hf.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                        help="weights' dtype (default: the original config's)")
     to_hf.add_argument("--shard-size-gib", type=float, default=4.0)
+    to_hf.add_argument("--lora-merge", action="store_true",
+                       help="a LoRA run's checkpoint: write its base with the adapters merged in")
     check = sub.add_parser("verify", help="compare the megatron-core model's logits with transformers'")
     check.add_argument("--hf-model-path", type=Path, required=True)
     check.add_argument("--mcore-path", type=Path, required=True)
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
             summary = hf_to_mcore(args.hf_model_path, args.output_path, mtp=args.mtp)
         else:
             summary = mcore_to_hf(_checkpoint(args.mcore_path), args.hf_model_path, args.output_path,
-                                  dtype=args.dtype, shard_gib=args.shard_size_gib)
+                                  dtype=args.dtype, shard_gib=args.shard_size_gib, lora_merge=args.lora_merge)
         if args.json and int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(summary))
         return 0

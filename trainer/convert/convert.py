@@ -1,7 +1,8 @@
 """The two conversions, tensor by tensor.
 
     hf_to_mcore   Hugging Face safetensors -> the trainer's megatron-core checkpoint (torch_dist)
-    mcore_to_hf   a trainer checkpoint + the original model directory -> safetensors shards
+    mcore_to_hf   a trainer checkpoint + the original model directory -> safetensors shards;
+                  a LoRA checkpoint (adapters only) is merged into its base: W + alpha/rank B A
 
 Both check that every tensor on one side has its place on the other: a Hugging Face tensor
 no rule reads, or a megatron-core tensor no rule fills, is an error naming it. Under torchrun
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import time
@@ -116,10 +118,64 @@ def hf_to_mcore(src: Path, out: Path, mtp: bool = False) -> dict:
     return _summary("hf-to-mcore", len(rules), everything, start, out)
 
 
+def lora_checkpoint(src: Path) -> tuple[Path, dict] | None:
+    """(base checkpoint, the recipe's model.lora) of a LoRA run's checkpoint; None for others."""
+    state_file = src / "trainer_state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    if not state.get("lora_base"):
+        return None
+    return Path(state["lora_base"]), state["recipe"]["model"]["lora"]
+
+
+EXPERT = re.compile(r"(.*\.mlp\.experts)\.experts\.(\d+)\.(linear_fc[12])")
+
+
+class Merger:
+    """Adds each adapter into the weight it adapts, in megatron-core's layout (before the
+    family's rule turns the weight into Hugging Face tensors); every adapter must find its weight.
+    A SwiGLU fc1 is stored as its gate (weight_w) and up (weight_v) halves; its adapter's B too
+    (B_w, B_v), except in a routed experts' stack, whose B holds both halves."""
+
+    def __init__(self, src: Path, lora: dict):
+        specs = [spec for key, spec in mcore_files.tensor_specs(src).items() if not key.startswith("optimizer.")]
+        self.adapters = mcore_files.read(src, specs)
+        self.scale = lora["alpha"] / lora["rank"]
+        self.unused = {key.rsplit(".", 1)[0] for key in self.adapters}
+
+    def __call__(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        layer, _, suffix = key.rpartition(".")
+        if suffix not in ("weight", "weight_w", "weight_v"):
+            return weight
+        half = suffix.removeprefix("weight").lstrip("_")  # "", "w" or "v"
+        expert = EXPERT.fullmatch(layer)
+        prefix = f"{expert[1]}.{expert[3]}.lora" if expert else f"{layer}.lora"
+        if f"{prefix}.A" not in self.adapters:
+            return weight
+        a = self.adapters[f"{prefix}.A"].float()
+        b = self.adapters[f"{prefix}.B_{half}" if half and not expert else f"{prefix}.B"].float()
+        if expert:  # a stack, one pair per expert (or one shared by all)
+            index = int(expert[2]) if a.shape[0] > 1 else 0
+            a, b = a[index], b[index]
+            if half:
+                b = b.chunk(2)[0 if half == "w" else 1]
+        self.unused.discard(prefix)
+        return (weight.float() + self.scale * (b @ a)).to(weight.dtype)
+
+
 def mcore_to_hf(src: Path, original: Path, out: Path, dtype: str | None = None,
-                shard_gib: float = 4.0) -> dict:
+                shard_gib: float = 4.0, lora_merge: bool = False) -> dict:
     start = time.time()
     mcore_files.release_large_frees()
+    lora = lora_checkpoint(src)
+    if lora and not lora_merge:
+        raise ValueError(f"{src}: a LoRA checkpoint (adapters on {lora[0]}): pass --lora-merge for full weights "
+                         "with the adapters merged, or --lora-adapter for a PEFT adapter folder")
+    if lora_merge and not lora:
+        raise ValueError(f"--lora-merge: {src} is not a LoRA run's checkpoint (its trainer_state.json names no "
+                         "base); convert it without --lora-merge")
+    merge = Merger(src, lora[1]) if lora else None
+    if lora:
+        src = lora[0]  # the weights come from the base, the adapters from the run
     stored = mcore_files.tensor_specs(src)
     config = json.loads((original / "config.json").read_text()) if (original / "config.json").exists() else None
     if config is None:
@@ -168,7 +224,10 @@ def mcore_to_hf(src: Path, original: Path, out: Path, dtype: str | None = None,
         loaded = mcore_files.read(src, [stored[r.mcore] for r in shards[i]])
         tensors = {}
         for rule in shards[i]:
-            for hf_name, tensor in zip(rule.hf, rule.to_hf(loaded.pop(rule.mcore))):
+            weight = loaded.pop(rule.mcore)
+            if merge is not None:
+                weight = merge(rule.mcore, weight)
+            for hf_name, tensor in zip(rule.hf, rule.to_hf(weight)):
                 tensors[hf_name] = tensor.to(target)
             progress.advance(_stored_bytes(stored[rule.mcore]))
         for copy_name, main in shared.items():
@@ -176,6 +235,8 @@ def mcore_to_hf(src: Path, original: Path, out: Path, dtype: str | None = None,
                 tensors[copy_name] = tensors[main].clone()
         hf_files.write_shard(tmp / files[i], tensors)
     progress.close()
+    if merge is not None and world == 1 and merge.unused:
+        raise ValueError(f"adapters {sorted(merge.unused)[:3]} adapt no weight of {src}; is it the run's base?")
     if rank == 0:
         file_of = {n: files[i] for i, names in enumerate(outputs) for n, _ in names}
         hf_files.write_index(tmp, file_of, sum(numel for names in outputs for _, numel in names) * size)

@@ -35,9 +35,20 @@ def megatron_logits(hf_path: Path, mcore_path: Path, tokens: torch.Tensor, tp: i
         f"model.path={hf_path}", f"trainer.n_gpus_per_node={world}", f"data.max_length={tokens.shape[1]}",
         f"megatron.tensor_model_parallel_size={tp}", f"megatron.expert_model_parallel_size={ep}",
         f"megatron.sequence_parallel={'true' if tp > 1 else 'false'}"])
+    from trainer.convert.convert import lora_checkpoint
+
+    lora = lora_checkpoint(mcore_path)  # a LoRA run's checkpoint: its base, with its adapters
     setup(recipe)
-    model = build_model(recipe, torch.float32, pre_process=True, post_process=True).to(devices.device())
-    checkpoint.load_weights(mcore_path, [model])
+    model = build_model(recipe, torch.float32, pre_process=True, post_process=True)
+    if lora:
+        from launcher.recipe import LoraSection
+        from trainer.model import lora as adapters
+
+        adapters.attach(model, LoraSection(**lora[1]), seed=0)
+    model.to(devices.device())
+    checkpoint.load_weights(lora[0] if lora else mcore_path, [model])
+    if lora:
+        checkpoint.load_adapters(mcore_path, [model])
     model.eval()
     position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     with torch.no_grad():

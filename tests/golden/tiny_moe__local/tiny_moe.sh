@@ -21,6 +21,17 @@ model:
       z_loss_coeff: null
       capacity_factor: null
       token_dispatcher: alltoall
+  lora:
+    rank: 0
+    alpha: 32.0
+    dropout: 0.0
+    target_modules:
+    - linear_qkv
+    - linear_proj
+    - linear_fc1
+    - linear_fc2
+    exclude_modules: []
+    expert_adapters: per_expert
 data:
   train_files:
   - @REPO@/recipes/data/tiny_sft.parquet

@@ -1,0 +1,151 @@
+"""LoRA (model.lora): adapters on a frozen base, the same run under every layout, checkpoints of
+adapters only, merged export that transformers loads, and the planner's count of it all.
+
+The layout runs switch the load-balancing loss off: megatron-core weighs each rank's balance loss
+by the tokens it routes, so under sequence parallelism its gradient shrinks by the TP size
+against one GPU (README, transformer-engine section); that is the base trainer's, not LoRA's."""
+
+import re
+
+import pytest
+
+from tests.conftest import REPO, run_launcher
+from tests.hf_models import FAMILIES, read_all, save_tiny_model
+from tests.trainer_helpers import losses, plain_tensors, train
+
+pytest.importorskip("megatron.core")
+
+QUIET = ["data.val_files=[]", "trainer.test_freq=0", "trainer.save_freq=0"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A base checkpoint: the tiny model after one full fine-tuning step."""
+    run = tmp_path_factory.mktemp("base")
+    train(run, "trainer.total_training_steps=1", "megatron.expert_model_parallel_size=1", *QUIET, nproc=1)
+    return run / "checkpoints" / "step_000001"
+
+
+def lora_run(run_dir, base, *overrides, nproc=2, steps=3):
+    return train(run_dir, f"megatron.dist_checkpointing_path={base}", "model.lora.rank=8", "optim.lr=3e-3",
+                 "optim.lr_warmup_steps_ratio=0", f"trainer.total_training_steps={steps}", *QUIET, *overrides,
+                 nproc=nproc)
+
+
+def test_lora_starts_at_the_base_model_and_trains_only_the_adapters(base, tmp_path):
+    from launcher.plan.layout import plan_layout
+    from launcher.plan.memory import stage_adapter_params, stage_params
+    from launcher.plan.models import read_model
+    from launcher.recipe import load_recipe
+
+    ep1 = "megatron.expert_model_parallel_size=1"
+    _, _, full = train(tmp_path / "full", f"megatron.dist_checkpointing_path={base}", "trainer.total_training_steps=1",
+                       ep1, *QUIET, nproc=1)
+    _, log, trained = lora_run(tmp_path / "lora", base, ep1, "trainer.save_freq=6", nproc=1, steps=6)
+    _, _, frozen = lora_run(tmp_path / "lr0", base, ep1, "optim.lr=0", "optim.min_lr=0", nproc=1, steps=6)
+    # B starts at zero: the first loss is the base model's, computed without adapters
+    assert losses(trained)[0] == losses(full)[0] == losses(frozen)[0]
+    # on the same batches, the adapted model's loss falls below the base model's
+    gains = [b - a for a, b in zip(losses(trained)[1:], losses(frozen)[1:])]
+    assert sum(gains) > 0 and gains[-1] > 0, (losses(trained), losses(frozen))
+
+    # megatron-core DDP and the optimizer hold the adapters only; the planner counts as many
+    line = log.split("lora: ")[1].split("\n")[0]
+    held = {k: int(v.replace(",", "")) for k, v in re.findall(r"(trainable|frozen|buffers|optimized) ([\d,]+)", line)}
+    recipe = load_recipe(tmp_path / "lora" / "recipe.yaml")
+    model = read_model(recipe.model.path)
+    planned = sum(stage_adapter_params(recipe, model, plan_layout(recipe, model), 0))
+    assert held["trainable"] == held["buffers"] == held["optimized"] == planned > 0
+    assert held["frozen"] == sum(stage_params(model, plan_layout(recipe, model), 0))  # the whole base
+
+    # the checkpoint holds the adapters (and their optimizer state), not the base
+    tensors = plain_tensors(tmp_path / "lora" / "checkpoints" / "step_000006")
+    weights = [k for k in tensors if not k.startswith("optimizer.")]
+    assert weights and all(".lora." in k for k in weights)
+    assert sum(tensors[k].numel() for k in weights) == planned
+
+
+def test_the_same_lora_run_under_every_layout(base, tmp_path):
+    """EP=1, EP=2, TP=2 (ETP=1, sequence parallel) and PP=2: the same losses and gradient norms,
+    per-expert and shared expert adapters; a checkpoint saved under EP=2 resumes under EP=1."""
+    common = ["model.override_config.moe_config.aux_loss_coeff=0",
+              "model.lora.target_modules=[all-linear,router]", "megatron.expert_model_parallel_size=1"]
+    layouts = {"ep1": [], "ep2": ["megatron.expert_model_parallel_size=2", "trainer.save_freq=2"],
+               "tp2": ["megatron.tensor_model_parallel_size=2", "megatron.expert_tensor_parallel_size=1"],
+               "pp2": ["megatron.pipeline_model_parallel_size=2"]}
+    found = {}
+    for name, overrides in layouts.items():
+        found[name] = lora_run(tmp_path / name, base, *common, *overrides)[2]
+    for adapters in ("shared",):
+        for name in ("ep2", "tp2"):
+            found[f"{adapters}-{name}"] = lora_run(tmp_path / f"{adapters}-{name}", base, *common, *layouts[name],
+                                                   f"model.lora.expert_adapters={adapters}")[2]
+
+    def same(a, b):
+        for key in ("loss", "grad_norm"):
+            for x, y in zip([m[key] for m in a if "loss" in m], [m[key] for m in b if "loss" in m]):
+                assert abs(x - y) <= 1e-5 * abs(y), (key, x, y)
+
+    for name in ("ep2", "tp2", "pp2"):
+        same(found[name], found["ep1"])
+    same(found["shared-tp2"], found["shared-ep2"])
+    assert losses(found["shared-ep2"])[1] != losses(found["ep1"])[1]  # a shared pair is another model
+
+    _, log, resumed = lora_run(tmp_path / "resumed", base, *common,
+                               f"trainer.resume_from_path={tmp_path / 'ep2' / 'checkpoints' / 'step_000002'}")
+    assert "resumed from" in log and len(losses(resumed)) == 1
+    same(resumed, found["ep1"][2:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_export_gives_the_adapted_model_to_transformers(tmp_path, family):
+    """Convert in, train adapters on every linear layer and the router, export with the adapters
+    merged: transformers' logits of the merged model equal the trainer's adapted model's."""
+    from tests.test_convert import convert, verify
+
+    hf = save_tiny_model(family, tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (hf / name).write_bytes((REPO / "recipes" / "models" / "tiny_moe" / name).read_bytes())
+    assert convert("hf-to-mcore", "--hf-model-path", hf, "--output-path", tmp_path / "mcore")[0] == 0
+    lora_run(tmp_path / "run", tmp_path / "mcore", f"model.path={hf}", "model.lora.target_modules=[all-linear,router]",
+             "optim.lr=1e-2", "megatron.expert_model_parallel_size=1", nproc=1, steps=1)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    rc, _, err = convert("mcore-to-hf", "--mcore-path", checkpoints, "--hf-model-path", hf,
+                         "--output-path", tmp_path / "plain")
+    assert rc == 2 and "a LoRA checkpoint" in err and "--lora-merge" in err
+    rc, _, err = convert("mcore-to-hf", "--mcore-path", checkpoints, "--hf-model-path", hf,
+                         "--output-path", tmp_path / "merged", "--lora-merge")
+    assert rc == 0, err
+    before, after = read_all(hf), read_all(tmp_path / "merged")
+    changed = {n for n in before if not before[n].equal(after[n])}
+    assert changed and all(("norm" not in n and "embed" not in n) for n in changed)
+    assert verify(tmp_path / "merged", checkpoints / "step_000001") < 1e-4
+
+
+def test_the_planner_counts_lora_and_refuses_what_it_cannot_run():
+    recipes = REPO / "recipes"
+    code, out, err = run_launcher("validate", str(recipes / "deepseek_v3_lora.yaml"), "--cluster", "slurm")
+    assert code == 0, err
+    code, out, err = run_launcher("plan", str(recipes / "deepseek_v3.yaml"), "--cluster", "slurm",
+                                  "model.lora.rank=32", "megatron.dist_checkpointing_path=/base", "--json")
+    import json
+
+    lora_plan = json.loads(out)
+    _, out, _ = run_launcher("plan", str(recipes / "deepseek_v3.yaml"), "--cluster", "slurm", "--json")
+    full_plan = json.loads(out)
+    assert lora_plan["memory_gib"]["grads"] < full_plan["memory_gib"]["grads"] / 20
+    assert lora_plan["memory_gib"]["optimizer"] < 3 and lora_plan["fits"]
+    code, out, err = run_launcher("validate", str(recipes / "qwen3_235b_a22b_lora.yaml"), "--cluster", "slurm")
+    assert code == 0 and " 16 GPUs" in out, err
+    assert " 32 GPUs" in run_launcher("validate", str(recipes / "qwen3_235b_a22b.yaml"), "--cluster", "slurm")[1]
+
+    tiny = str(recipes / "tiny_moe.yaml")
+    for overrides, message in [
+            (["model.lora.rank=8"], "set megatron.dist_checkpointing_path"),
+            (["model.lora.rank=8", "megatron.dist_checkpointing_path=/b", "model.lora.target_modules=[qkv]"],
+             "'qkv' is not a module LoRA can adapt; valid: linear_qkv, linear_proj"),
+            (["model.lora.rank=8", "megatron.dist_checkpointing_path=/b", "trainer.n_gpus_per_node=2",
+              "megatron.tensor_model_parallel_size=2", "megatron.expert_model_parallel_size=1"],
+             "adapters on the routed experts need megatron.expert_tensor_parallel_size=1 (it is 2)")]:
+        code, _, err = run_launcher("validate", tiny, "--cluster", "local", *overrides)
+        assert code == 2 and message in err and "Traceback" not in err, err
