@@ -59,7 +59,7 @@ def test_round_trip_is_exact_and_logits_match_transformers(tmp_path, family):
     index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(original)
 
-    assert verify(hf, tmp_path / "mcore") < 1e-4
+    # (one process, EP=1: tests/test_lora.py verifies every family's merged export that way)
     assert verify(hf, tmp_path / "mcore", ep=2) < 1e-4
     if family == "qwen3_235b_a22b":  # tensor parallel with sequence parallelism, experts sharded too
         assert verify(hf, tmp_path / "mcore", tp=2) < 1e-4

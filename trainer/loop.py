@@ -422,7 +422,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
 
         held = counts(run.model, run.optimizer)
         print(f"lora: rank 0 holds trainable {held['trainable']:,} and frozen {held['frozen']:,} parameters; "
-              f"gradient buffers {held['grad_buffers']:,}; optimized {held['optimized']:,}", flush=True)
+              f"gradient buffers {held['grad_buffers']:,}; optimizer state for {held['optimized']:,}", flush=True)
     total = recipe.trainer.total_training_steps
     if step >= total:  # submitted again after it finished: train nothing, write nothing
         if rank0:

@@ -341,8 +341,8 @@ def load_adapters(loaded: dict, model_chunks) -> None:
 
 def counts(model_chunks, optimizer) -> dict:
     """What this rank holds, in elements: trainable and frozen weights, megatron-core DDP's
-    gradient buffers, and the weights the optimizer updates (whole, before the distributed
-    optimizer shards their states)."""
+    gradient buffers, and the weights whose optimizer state it keeps (the distributed
+    optimizer's shard: a part of the trainable weights on each data-parallel rank)."""
     found = {"trainable": 0, "frozen": 0, "grad_buffers": 0, "optimized": 0}
     for chunk in model_chunks:
         for param in getattr(chunk, "module", chunk).parameters():
@@ -350,8 +350,7 @@ def counts(model_chunks, optimizer) -> dict:
         for buffer in [*getattr(chunk, "buffers", []), *getattr(chunk, "expert_parallel_buffers", [])]:
             found["grad_buffers"] += sum(p.numel() for p in buffer.params)
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        params = getattr(part, "model_param_group_index_map", None)
-        if params is None:
-            params = [p for group in part.param_groups for p in group["params"]]
+        shards = [*getattr(part, "shard_fp32_groups", []), *getattr(part, "shard_fp32_from_float16_groups", [])]
+        params = [p for group in shards for p in group] or [p for g in part.param_groups for p in g["params"]]
         found["optimized"] += sum(p.numel() for p in params)
     return found
