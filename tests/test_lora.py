@@ -108,10 +108,14 @@ def test_merged_export_gives_the_adapted_model_to_transformers(tmp_path, family)
     lora_run(tmp_path / "run", tmp_path / "mcore", f"model.path={hf}", "model.lora.target_modules=[all-linear,router]",
              "optim.lr=1e-2", "megatron.expert_model_parallel_size=1", nproc=1, steps=1)
     checkpoints = tmp_path / "run" / "checkpoints"
-    if family == FAMILIES[0]:  # without the flag: what to do instead
+    if family == FAMILIES[0]:  # without the flag: what to do instead; PEFT cannot hold expert adapters
         rc, _, err = convert("mcore-to-hf", "--mcore-path", checkpoints, "--hf-model-path", hf,
                              "--output-path", tmp_path / "plain")
         assert rc == 2 and "a LoRA checkpoint" in err and "--lora-merge" in err
+        rc, _, err = convert("mcore-to-hf", "--mcore-path", checkpoints, "--hf-model-path", hf,
+                             "--output-path", tmp_path / "peft", "--lora-adapter")
+        assert rc == 2 and "PEFT cannot hold the adapters of" in err and "--lora-merge" in err, err
+        assert not (tmp_path / "peft").exists()
     rc, _, err = convert("mcore-to-hf", "--mcore-path", checkpoints, "--hf-model-path", hf,
                          "--output-path", tmp_path / "merged", "--lora-merge")
     assert rc == 0, err
@@ -148,3 +152,34 @@ def test_the_planner_counts_lora_and_refuses_what_it_cannot_run():
              "adapters on the routed experts need megatron.expert_tensor_parallel_size=1 (it is 2)")]:
         code, _, err = run_launcher("validate", tiny, "--cluster", "local", *overrides)
         assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_peft_adapter_export_loads_in_peft_and_matches_the_merged_model(tmp_path):
+    """Qwen2-MoE with adapters on attention and the shared expert (routed experts left out):
+    `peft` loads the adapter folder on the base model and gives the merged model's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    peft = pytest.importorskip("peft")
+    from tests.test_convert import convert
+
+    hf = save_tiny_model("qwen2_moe_a2_7b", tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (hf / name).write_bytes((REPO / "recipes" / "models" / "tiny_moe" / name).read_bytes())
+    assert convert("hf-to-mcore", "--hf-model-path", hf, "--output-path", tmp_path / "mcore")[0] == 0
+    lora_run(tmp_path / "run", tmp_path / "mcore", f"model.path={hf}", "model.lora.target_modules=[all-linear]",
+             "model.lora.exclude_modules=['*.mlp.experts.*']", "optim.lr=1e-2", "megatron.expert_model_parallel_size=1",
+             nproc=1, steps=1)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for flag in ("--lora-merge", "--lora-adapter"):
+        rc, _, err = convert("mcore-to-hf", "--mcore-path", checkpoints, "--hf-model-path", hf,
+                             "--output-path", tmp_path / flag.strip("-"), flag)
+        assert rc == 0, err
+    tokens = torch.randint(512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora-merge", dtype=torch.float32).eval()(tokens)
+        base = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+        plain = base(tokens)
+        adapted = peft.PeftModel.from_pretrained(base, tmp_path / "lora-adapter").eval()(tokens)  # adapts `base`
+    assert float((merged.logits - adapted.logits).abs().max()) < 1e-4
+    assert float((merged.logits - plain.logits).abs().max()) > 1e-2  # the adapters do something

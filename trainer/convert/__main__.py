@@ -34,8 +34,11 @@ def parse(argv):
     to_hf.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                        help="weights' dtype (default: the original config's)")
     to_hf.add_argument("--shard-size-gib", type=float, default=4.0)
-    to_hf.add_argument("--lora-merge", action="store_true",
-                       help="a LoRA run's checkpoint: write its base with the adapters merged in")
+    lora_out = to_hf.add_mutually_exclusive_group()
+    lora_out.add_argument("--lora-merge", action="store_true",
+                          help="a LoRA run's checkpoint: write its base with the adapters merged in")
+    lora_out.add_argument("--lora-adapter", action="store_true",
+                          help="a LoRA run's checkpoint: write its adapters as a PEFT adapter folder")
     check = sub.add_parser("verify", help="compare the megatron-core model's logits with transformers'")
     check.add_argument("--hf-model-path", type=Path, required=True)
     check.add_argument("--mcore-path", type=Path, required=True)
@@ -66,6 +69,10 @@ def main(argv=None) -> int:
             dist.init_process_group("gloo")
         if args.direction == "hf-to-mcore":
             summary = hf_to_mcore(args.hf_model_path, args.output_path, mtp=args.mtp)
+        elif args.lora_adapter:
+            from trainer.convert.peft_export import lora_adapter
+
+            summary = lora_adapter(_checkpoint(args.mcore_path), args.hf_model_path, args.output_path)
         else:
             summary = mcore_to_hf(_checkpoint(args.mcore_path), args.hf_model_path, args.output_path,
                                   dtype=args.dtype, shard_gib=args.shard_size_gib, lora_merge=args.lora_merge)
