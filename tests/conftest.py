@@ -20,3 +20,15 @@ def run_launcher(*args, cwd=REPO, env=None, timeout=60):
 @pytest.fixture
 def launcher():
     return run_launcher
+
+
+@pytest.fixture(scope="session")
+def init_checkpoint(tmp_path_factory):
+    """The tiny model's initial weights as a trainer checkpoint (one step at lr=0), for runs that
+    start from one shared checkpoint (test_trainer's layout runs, test_lora's base)."""
+    from tests.trainer_helpers import train
+
+    run = tmp_path_factory.mktemp("init")
+    train(run, "trainer.total_training_steps=1", "optim.lr=0", "optim.min_lr=0", "optim.lr_warmup_steps_ratio=0",
+          "megatron.expert_model_parallel_size=1", "data.val_files=[]")
+    return run / "checkpoints" / "step_000001"

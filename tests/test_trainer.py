@@ -24,14 +24,6 @@ STEADY = ["optim.lr_scheduler=constant", "optim.lr_warmup_steps_ratio=0", "optim
 
 
 @pytest.fixture(scope="module")
-def init_checkpoint(tmp_path_factory):
-    run = tmp_path_factory.mktemp("init")
-    train(run, "trainer.total_training_steps=1", "optim.lr=0", "optim.min_lr=0", "optim.lr_warmup_steps_ratio=0",
-          "megatron.expert_model_parallel_size=1", "data.val_files=[]")
-    return run / "checkpoints" / "step_000001"
-
-
-@pytest.fixture(scope="module")
 def baseline(tmp_path_factory, init_checkpoint):
     """EP=2 over 2 ranks, 6 steps, a checkpoint at step 3."""
     run = tmp_path_factory.mktemp("ep2")
@@ -340,29 +332,25 @@ def _cmdline(pid: str) -> str:
         return ""
 
 
-def test_alerts_reach_the_log_and_the_metrics(tmp_path):
+def test_alerts_reach_the_log_and_the_metrics_and_tensorboard_holds_the_metrics(tmp_path):
     """The recipe's thresholds decide: with an expert-imbalance limit barely above even routing,
-    every step's log and metrics record name the layer and its most loaded expert."""
+    every step's log and metrics record name the layer and its most loaded expert; with the
+    default limits no alert. trainer.tensorboard: the event files carry the same per-step
+    scalars as metrics.jsonl."""
     _, log, metrics = train(tmp_path, "trainer.total_training_steps=3", "megatron.expert_model_parallel_size=1",
                             "data.val_files=[]", "trainer.alert_expert_imbalance=1.01", nproc=1)
     steps = [m for m in metrics if "loss" in m]
     assert all(any(": layer_0: expert " in a for a in m["alerts"]) for m in steps)
     assert "alert: step 1: layer_0: expert " in log and "x the mean of its layer's tokens" in log
-    _, _, quiet = train(tmp_path / "quiet", "trainer.total_training_steps=3", "megatron.expert_model_parallel_size=1",
-                        "data.val_files=[]", nproc=1)
-    assert all(m["alerts"] == [] for m in quiet if "loss" in m)
-
-
-def test_tensorboard_event_files_hold_the_metrics(tmp_path):
-    """trainer.tensorboard: the event files carry the same per-step scalars as metrics.jsonl."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, _, metrics = train(tmp_path, "trainer.total_training_steps=3", "megatron.expert_model_parallel_size=1",
-                          "data.val_files=[]", "trainer.tensorboard=true", nproc=1)
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    _, _, quiet = train(tmp_path / "quiet", "trainer.total_training_steps=3", "megatron.expert_model_parallel_size=1",
+                        "data.val_files=[]", "trainer.tensorboard=true", nproc=1)
+    assert all(m["alerts"] == [] for m in quiet if "loss" in m)
+    events = EventAccumulator(str(tmp_path / "quiet" / "tensorboard"))
     events.Reload()
-    steps = [m for m in metrics if "loss" in m]
+    steps = [m for m in quiet if "loss" in m]
     for name in ("loss", "grad_norm", "lr", "tokens_per_s"):
         logged = {e.step: e.value for e in events.Scalars(name)}
         assert logged == pytest.approx({m["step"]: m[name] for m in steps}, rel=1e-6), name
