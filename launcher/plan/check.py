@@ -8,7 +8,7 @@ from launcher.cluster import Cluster
 from launcher.errors import UserError
 from launcher.plan.layout import Layout, plan_layout
 from launcher.plan.memory import Memory, estimate_memory, memory_budget
-from launcher.plan.lora import adapted
+from launcher.plan.lora import adapted, adapts_experts
 from launcher.plan.models import ModelDims
 from launcher.recipe import LoraSection, Recipe
 
@@ -64,7 +64,7 @@ def _check_lora(recipe: Recipe, model: ModelDims, layout) -> None:
     if not targets:
         raise UserError(f"model.lora.target_modules: {model.family} has none of {sorted(lora.targets())}; "
                         f"it has {', '.join(sorted(adapted(model, LoraSection(target_modules=['all-linear', 'router']))))}")
-    if layout.etp > 1 and model.num_experts and targets & {"linear_fc1", "linear_fc2"}:
+    if layout.etp > 1 and adapts_experts(model, lora):
         # an expert split over ETP would need its adapter split and reduced with it; not built yet
         raise UserError(f"model.lora: adapters on the routed experts need megatron.expert_tensor_parallel_size=1 "
                         f"(it is {layout.etp}); set it to 1, or leave linear_fc1/linear_fc2 out of "

@@ -87,3 +87,8 @@ def layer_adapter_activations(model: ModelDims, lora: LoraSection, moe: bool, to
             rows = routed if split == "expert" else tokens
             total += 2 * rows * lora.rank + (2 * rows * n_in if lora.dropout else 0)
     return total
+
+
+def adapts_experts(model: ModelDims, lora: LoraSection) -> bool:
+    """Whether the recipe puts adapters on the routed experts (they need ETP=1)."""
+    return lora.enabled and model.num_experts > 0 and bool(adapted(model, lora) & {"linear_fc1", "linear_fc2"})

@@ -127,6 +127,12 @@ def lora_checkpoint(src: Path) -> tuple[Path, dict] | None:
     return Path(state["lora_base"]), state["recipe"]["model"]["lora"]
 
 
+def read_adapters(src: Path) -> dict[str, torch.Tensor]:
+    """Every adapter tensor of a LoRA checkpoint, whole (they are small), by key."""
+    specs = [spec for key, spec in mcore_files.tensor_specs(src).items() if not key.startswith("optimizer.")]
+    return mcore_files.read(src, specs)
+
+
 EXPERT = re.compile(r"(.*\.mlp\.experts)\.experts\.(\d+)\.(linear_fc[12])")
 
 
@@ -137,8 +143,7 @@ class Merger:
     (B_w, B_v), except in a routed experts' stack, whose B holds both halves."""
 
     def __init__(self, src: Path, lora: dict):
-        specs = [spec for key, spec in mcore_files.tensor_specs(src).items() if not key.startswith("optimizer.")]
-        self.adapters = mcore_files.read(src, specs)
+        self.adapters = read_adapters(src)
         self.scale = lora["alpha"] / lora["rank"]
         self.unused = {key.rsplit(".", 1)[0] for key in self.adapters}
 

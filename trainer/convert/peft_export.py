@@ -15,14 +15,14 @@ import json
 import re
 from pathlib import Path
 
-from trainer.convert import hf_files, mcore_files
+from trainer.convert import hf_files
 from trainer.convert.families import rules_for
 
 
 def lora_adapter(src: Path, original: Path, out: Path) -> dict:
     from safetensors.torch import save_file
 
-    from trainer.convert.convert import _finish_output, _start_output, lora_checkpoint
+    from trainer.convert.convert import _finish_output, _start_output, lora_checkpoint, read_adapters
 
     found = lora_checkpoint(src)
     if not found:
@@ -31,8 +31,7 @@ def lora_adapter(src: Path, original: Path, out: Path) -> dict:
     _, lora = found
     config = json.loads((original / "config.json").read_text())
     rules = {rule.mcore: rule for rule in rules_for(config, False, str(original / "config.json"))[0]}
-    specs = [spec for key, spec in mcore_files.tensor_specs(src).items() if not key.startswith("optimizer.")]
-    adapters = mcore_files.read(src, specs)
+    adapters = read_adapters(src)
     prefixes = sorted({key.rsplit(".", 1)[0] for key in adapters})
     refused = [p.removesuffix(".lora") for p in prefixes if ".mlp.experts." in p or p.endswith(".router.lora")]
     if refused:
