@@ -101,18 +101,25 @@ def check_kernels() -> dict:
         cuts = sorted(set(torch.randint(1, b * s, (40,)).tolist()) | {s})
         cu = torch.tensor([0, *cuts, b * s], dtype=torch.int32, device="cuda").unique()
         cu.max_seqlen = int(cu.diff().max())
+        cu.sample_ids = (torch.searchsorted(cu, torch.arange(b * s, device="cuda", dtype=torch.int32), right=True)
+                         - 1).view(b, s)
         config = types.SimpleNamespace(context_parallel_size=1, kv_channels=dim, attention_dropout=0.0)
         attention = SDPAttention(config, 1, None, "self")
         assert _varlen_attn() is not None, "torch has no varlen_attn"
         grad = torch.randn(s, b, heads * value_dim, device="cuda", dtype=torch.bfloat16)
-        outs = []
-        for mask in (cu, boundaries_to_mask(cu, b, s)):
-            out = attention(q, k, v, mask)
+        paths = {"dense": lambda: attention(q, k, v, boundaries_to_mask(cu, b, s)),
+                 "attention": lambda: attention._attend_samples(q, k, v, cu)}
+        if value_dim == dim:
+            paths["flex_attention"] = lambda: attention._attend_flex(q, k, v, cu)
+        outs = {}
+        for path, run in paths.items():
+            out = run()
             out.backward(grad)
-            outs.append((out.detach(), *(t.grad.clone() for t in (q, k, v))))
+            outs[path] = (out.detach(), *(t.grad.clone() for t in (q, k, v)))
             for t in (q, k, v):
                 t.grad = None
-        errors[f"attention_{label}"] = max(relative_error(a, r) for a, r in zip(*outs))
+        for path in paths.keys() - {"dense"}:
+            errors[f"{path}_{label}"] = max(relative_error(a, r) for a, r in zip(outs[path], outs["dense"]))
     # RMSNorm, compiled vs plain
     x = torch.randn(4096, 2, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)

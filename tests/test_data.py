@@ -212,3 +212,30 @@ def test_data_check_on_a_cluster_reads_the_files_behind_its_container_mounts(tmp
     # 1,200 rows in the file, the first 1,000 read: an epoch scales their packed rows up
     assert report["rows_in_files"] == 1200 and report["rows_read"] == 1000
     assert report["steps_per_epoch"] == round(report["packed_rows"] * 1.2 / 2)
+
+
+def test_prefetch_runs_in_a_worker_process_and_raises_its_errors():
+    """Tokenising runs in a forked worker (off the trainer's interpreter lock): items arrive in
+    order, a bad row raised there arrives here with its text, and the worker ends with the
+    generator."""
+    import os
+
+    from trainer.data.batches import prefetch
+
+    def numbers():
+        for i in range(5):
+            yield i, os.getpid()
+        raise BadRow("data.parquet: row 7: no assistant turn")
+
+    stream = prefetch(numbers())
+    got = [next(stream) for _ in range(5)]
+    assert [i for i, _ in got] == list(range(5))
+    assert {pid for _, pid in got} != {os.getpid()}  # produced in another process
+    with pytest.raises(BadRow, match="row 7: no assistant turn"):
+        next(stream)
+
+    endless = prefetch(iter(lambda: os.getpid(), None))
+    worker = next(endless)
+    endless.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -15,6 +14,7 @@ from launcher.backends.slurm import _sacct
 from launcher.cluster import load_cluster
 from launcher.store import JobStore
 from tests.conftest import REPO, RECIPES, run_launcher
+from tests.trainer_helpers import training_processes
 
 SCRIPT = REPO / "clusters" / "slurm-local.sh"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("apt-get"),
@@ -214,16 +214,9 @@ def test_requeued_and_dead_rank_jobs_resume_with_an_uninterrupted_runs_losses(sl
     rc, result, _, _ = submit(env, profile(), *common, "job.name=dead-rank", wait=False)
     run_dir = tmp_path / "runs" / "dead-rank"
     _wait_for_step(run_dir, 4)
-    workers = []  # the training processes: torchrun's children, not torchrun
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if f"{run_dir}/recipe.yaml" in cmdline and "trainer" in cmdline and "torch.distributed.run" not in cmdline:
-            workers.append(proc.name)
+    workers = training_processes(f"{run_dir}/recipe.yaml")
     assert len(workers) == 2, workers  # one training process per node
-    os.kill(int(workers[1]), signal.SIGKILL)
+    os.kill(workers[1], signal.SIGKILL)
     killed = time.time()
     log = run_dir / "logs" / f"slurm-{result['job_id']}.out"
     # (measured: 3 s; 61 s while megatron's checkpoint writer kept the dead rank's output open)

@@ -286,7 +286,7 @@ def test_a_hung_rank_fails_the_job_within_the_collective_timeout(tmp_path):
     import time
 
     from tests.conftest import REPO
-    from tests.trainer_helpers import write_recipe
+    from tests.trainer_helpers import training_processes, write_recipe
 
     config = write_recipe(tmp_path, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=200",
                           "trainer.collective_timeout_s=15", "data.val_files=[]", "trainer.save_freq=-1")
@@ -299,8 +299,7 @@ def test_a_hung_rank_fails_the_job_within_the_collective_timeout(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
             time.sleep(0.2)
-        rank1 = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _environ(pid).get("RANK") == "1"
-                 and str(config) in _cmdline(pid)]
+        rank1 = [pid for pid in training_processes(str(config)) if _environ(pid).get("RANK") == "1"]
         assert len(rank1) == 1
         os.kill(rank1[0], signal.SIGSTOP)
         stopped = time.time()
@@ -323,13 +322,6 @@ def _environ(pid: str) -> dict:
     except OSError:
         return {}
     return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
-
-
-def _cmdline(pid: str) -> str:
-    try:
-        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def test_alerts_reach_the_log_and_the_metrics_and_tensorboard_holds_the_metrics(tmp_path):

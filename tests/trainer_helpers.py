@@ -38,6 +38,21 @@ def train(run_dir: Path, *overrides: str, nproc: int = 2, recipe: Path = TINY, c
     return proc.returncode, log, metrics
 
 
+def training_processes(config: str) -> list[int]:
+    """The pids of the trainer processes started with this recipe file: torchrun's children,
+    not torchrun, and not their forked data workers (trainer.data.batches.prefetch)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if config in cmdline and "trainer" in cmdline and "torch.distributed.run" not in cmdline:
+            found[int(proc.name)] = parent
+    return sorted(pid for pid, parent in found.items() if parent not in found)
+
+
 def losses(metrics) -> list[float]:
     return [m["loss"] for m in metrics if "loss" in m]
 

@@ -311,7 +311,10 @@ def split_for_rank(rows: list, micro_batch_size: int) -> list[list]:
     """This data-parallel rank's micro-batches out of a global batch of rows."""
     from megatron.core import parallel_state as ps
 
-    dp, rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    return rank_share(rows, micro_batch_size, ps.get_data_parallel_world_size(), ps.get_data_parallel_rank())
+
+
+def rank_share(rows: list, micro_batch_size: int, dp: int, rank: int) -> list[list]:
     per_step = micro_batch_size * dp
     return [rows[j + rank * micro_batch_size: j + (rank + 1) * micro_batch_size]
             for j in range(0, len(rows), per_step)]
@@ -376,14 +379,18 @@ def collectives_named(current_step, timeout_s: int):
             "hung or died (its log says which; trainer.collective_timeout_s sets the wait)") from None
 
 
-def steps_of(stream, rows_per_step: int):
-    """(epoch, rows taken, rows) per optimizer step, from the row stream."""
+def steps_of(train_data, epoch: int, taken: int, rows_per_step: int, micro_batch_size: int, dp: int, rank: int):
+    """Per optimizer step: (epoch, rows taken, the step's real tokens on all ranks, this rank's
+    micro-batches of rows, the data counts so far). Runs in the data worker (prefetch), so it
+    hands over only this rank's rows, and the counts it keeps."""
+    stream = train_data.stream(epoch, taken)
     while True:
         rows = []
         for _ in range(rows_per_step):
             epoch, taken, row = next(stream)
             rows.append(row)
-        yield epoch, taken, rows
+        tokens = sum(r.real_tokens() for r in rows)
+        yield epoch, taken, tokens, rank_share(rows, micro_batch_size, dp, rank), dict(train_data.counts)
 
 
 def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) -> int:
@@ -439,7 +446,8 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
     gbs, mbs = recipe.data.global_batch_size, recipe.data.micro_batch_size
     peak = peak_tflops()
     per_token = flops_per_token(model_dims)
-    stream = prefetch(steps_of(train_data.stream(epoch, taken), gbs))
+    stream = prefetch(steps_of(train_data, epoch, taken, gbs, mbs, ps.get_data_parallel_world_size(),
+                               ps.get_data_parallel_rank()))
     profile = StepProfile(rank0, first=max(total - 2, step))  # the last two steps
     signalled = []
     signal.signal(signal.SIGTERM, lambda *_: signalled.append(True))
@@ -474,8 +482,10 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
                 return 0
             profile.before_step(step)
             start = time.time()
-            epoch, taken, rows = next(stream)
-            batches = [run.batch(group) for group in split_for_rank(rows, mbs)]
+            epoch, taken, tokens, groups, counts = next(stream)
+            train_data.counts.clear()  # the worker's: bad rows skipped, samples truncated
+            train_data.counts.update(counts)
+            batches = [run.batch(group) for group in groups]
             data_time = time.time() - start
             zero_grads(run)
             loss_sum, count = run_batches(run, batches, forward_only=False)
@@ -486,7 +496,6 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
             mtp = mtp_loss(len(batches)) if recipe.model.enable_mtp else None
             routed = counter.take(duplicates)
             elapsed = time.time() - start
-            tokens = float(sum(r.real_tokens() for r in rows))
             tflops = per_token * tokens / elapsed / dist.get_world_size() / 1e12
             record = {"step": step, "epoch": epoch, "loss": loss_sum / max(count, 1), "lr": run.optimizer.param_groups[0]["lr"],
                       "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,

@@ -12,6 +12,7 @@ stream (epoch, rows taken) is what a checkpoint stores.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
@@ -157,6 +158,7 @@ def collate(rows: list[Row], device, form: str = "boundaries", align: int = 1) -
         cu_seqlens = sample_boundaries([r.sample for r in rows])
         attention_mask = torch.from_numpy(cu_seqlens).to(device, non_blocking=True)
         attention_mask.max_seqlen = int(np.diff(cu_seqlens).max())  # sizes flash attention's grid
+        attention_mask.sample_ids = stacked("sample")  # FlexAttention's document mask
     else:
         sample = stacked("sample")
         causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
@@ -219,27 +221,65 @@ def sample_boundaries(samples: list[np.ndarray]) -> np.ndarray:
 
 
 def prefetch(iterator, depth: int = 2):
-    """Run `iterator` in a thread, `depth` items ahead: tokenising the next step's rows
-    overlaps with this step's GPU work."""
-    import queue
+    """Run `iterator` in a forked process, `depth` items ahead, and yield its items here.
+
+    Tokenising is Python work (a chat template rendered several times per sample): in a thread
+    it held the interpreter lock that the training loop needs to launch its kernels, and on
+    rows of many short samples the GPU waited on it (bench/README.md). A process, as PyTorch's
+    DataLoader workers, takes it off the trainer's interpreter. Forked, not spawned: it inherits
+    the iterator as it is, with no imports to repeat, and touches no GPU or process group.
+    An exception in the worker is raised here; the worker ends when this process does (or
+    when the generator is closed), and never holds the job's output open."""
+    import multiprocessing
+    import pickle
+    import queue as queue_errors
     import threading
 
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
+    context = multiprocessing.get_context("fork")
+    items = context.Queue(maxsize=depth)
+    parent = os.getpid()
 
     def produce():
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)  # an orphaned worker must not keep a scheduler's output stream open
+        os.dup2(devnull, 2)
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
         try:
             for item in iterator:
-                items.put(item)
-        except BaseException as err:  # surfaces in the training loop, not in a silent thread
-            items.put(err)
-        items.put(done)
+                items.put(("item", item))
+        except BaseException as err:  # surfaces in the training loop, not in a silent process
+            try:
+                pickle.dumps(err)
+            except Exception:  # noqa: BLE001 - an exception that cannot cross: its text can
+                err = RuntimeError(f"data worker: {err!r}")
+            items.put(("error", err))
+        items.put(("done", None))
 
-    threading.Thread(target=produce, daemon=True).start()
-    while True:
-        item = items.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    worker = context.Process(target=produce, daemon=True, name="moe-data")
+    worker.start()
+    try:
+        while True:
+            try:
+                kind, item = items.get(timeout=5.0)
+            except queue_errors.Empty:
+                if not worker.is_alive():
+                    raise RuntimeError(f"the data worker died (exit code {worker.exitcode})") from None
+                continue
+            if kind == "done":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        if worker.is_alive():
+            worker.kill()
+        worker.join()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """In the data worker: end it once the trainer is gone (a killed rank), wherever it waits."""
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)

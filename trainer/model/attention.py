@@ -54,6 +54,8 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None:
             raise ValueError("THD packed sequences need transformer-engine; the trainer packs with a mask instead")
         if attention_mask is not None and attention_mask.dtype == torch.int32:
+            if query.is_cuda and fused.enabled("flex_attention") and value.shape[-1] == query.shape[-1]:
+                return self._attend_flex(query, key, value, attention_mask)
             if query.is_cuda and _varlen_attn() is not None:
                 return self._attend_samples(query, key, value, attention_mask)
             attention_mask = boundaries_to_mask(attention_mask, query.shape[1], query.shape[0])
@@ -88,6 +90,21 @@ class SDPAttention(MegatronModule):
         out = _varlen_attn()(q, k, v, cu_seqlens, longest, self.softmax_scale)
         return out[..., :value_dim].reshape(b, s, heads * value_dim).transpose(0, 1).contiguous()
 
+    def _attend_flex(self, query, key, value, boundaries):
+        """FlexAttention with a same-sample causal mask: [s, b, heads, dim] -> [s, b, heads x dim].
+        Its kernel skips every 128 x 128 block of scores that lies across samples, so rows of many
+        short samples cost a few diagonal blocks each, where the varlen kernel pays a whole tile
+        per sample. The block mask is built once per micro-batch (every layer gets the same
+        boundaries tensor) from the samples' index of each token."""
+        s, b, heads, _ = query.shape
+        block_mask = getattr(boundaries, "block_mask", None)
+        if block_mask is None:
+            block_mask = boundaries.block_mask = _document_mask(boundaries.sample_ids)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = _flex(q.is_cuda)(q, k, v, block_mask=block_mask, scale=self.softmax_scale,
+                               enable_gqa=k.shape[1] != q.shape[1])
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
 
 def boundaries_to_mask(cu_seqlens: torch.Tensor, rows: int, length: int) -> torch.Tensor:
     """The boolean mask [b, 1, s, s] (True = masked out) that sample boundaries describe."""
@@ -95,6 +112,31 @@ def boundaries_to_mask(cu_seqlens: torch.Tensor, rows: int, length: int) -> torc
     sample = (torch.searchsorted(cu_seqlens, positions, right=True) - 1).view(rows, length)
     causal = torch.ones(length, length, dtype=torch.bool, device=cu_seqlens.device).tril()
     return ~(causal & (sample[:, :, None] == sample[:, None, :]))[:, None]
+
+
+def _document_mask(sample: torch.Tensor):
+    """FlexAttention's block mask for [b, s] sample indices: causal, inside each sample."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_sample_causal(row, head, q, kv):
+        return (q >= kv) & (sample[row, q] == sample[row, kv])
+
+    rows, length = sample.shape
+    return create_block_mask(same_sample_causal, rows, None, length, length, device=sample.device,
+                             _compile=sample.is_cuda)
+
+
+_FLEX = {}
+
+
+def _flex(on_gpu: bool):
+    """flex_attention, compiled on the GPU (its Triton kernel); eager elsewhere, where it computes
+    the masked scores in full: the reference the tests compare against."""
+    if on_gpu not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX[on_gpu] = torch.compile(flex_attention, dynamic=False) if on_gpu else flex_attention
+    return _FLEX[on_gpu]
 
 
 _VARLEN = []

@@ -13,6 +13,8 @@ there (the CPU runs the plain code the tests check against):
 - adam: torch's AdamW (megatron-core's optimizer without apex or transformer-engine) through
   its fused kernel, one launch for all parameters instead of foreach's several passes;
 - attention: flash attention over variable-length samples (trainer.model.attention);
+- flex_attention: FlexAttention with a same-sample mask over packed samples instead, whose
+  kernel skips the score blocks across samples (trainer.model.attention);
 - permute: token permutation without host synchronisation (trainer.model.dispatch), on the
   CPU too;
 - grad_norm: the gradient norm and clipping of megatron-core's optimizer as two foreach
@@ -39,7 +41,7 @@ import types
 
 import torch
 
-KERNELS = ("attention", "norm", "grad_accum", "adam", "permute", "grad_norm",
+KERNELS = ("attention", "flex_attention", "norm", "grad_accum", "adam", "permute", "grad_norm",
            "rope", "swiglu", "cross_entropy", "router")
 ON_CPU_TOO = ("permute", "grad_norm")
 
