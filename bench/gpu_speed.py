@@ -8,7 +8,7 @@ Runs the bf16 matmul ceiling (an 8192^3 product), checks each fused kernel again
 code it replaces (asserts), then for each model `transformers` and the trainer at each
 micro-batch size, the trainer with each fused piece turned off (ablation), and the extras:
 `plain` (every piece off: the trainer as it was), `bf16_grads` (megatron.grad_reduce_in_fp32
-false), `long` (one 4096-token sample per row: the same attention work as `transformers`). `ours` is
+false), `one_tokeniser` (data.num_workers=0: the data worker tokenises alone), `long` (one 4096-token sample per row: the same attention work as `transformers`). `ours` is
 the TE-free path (MOE_TRANSFORMER_ENGINE=0); `--te-mb` adds `ours_te`, the transformer-engine
 path that the job image runs (and `ours_te_long`); `--lora-mb` adds `ours_lora`, LoRA rank 16
 on a frozen base.
@@ -274,7 +274,8 @@ def run_ours(name: str, model_dir: Path, mb: int, overrides: list[str], plain: s
     median = statistics.median(s["step_time_s"] for s in steady)
     # tokens/s per GPU (the trainer logs the whole job's)
     return {**row, "tokens_per_s": round(statistics.median(s["tokens_per_s"] for s in steady) / gpus, 1),
-            "step_time_s": round(median, 4), "peak_mem_gib": round(max(s["peak_memory_gib"] for s in steps), 2),
+            "step_time_s": round(median, 4),
+            "data_wait_s": round(statistics.median(s["data_time_s"] for s in steady), 4), "peak_mem_gib": round(max(s["peak_memory_gib"] for s in steps), 2),
             "loss_first": steps[0]["loss"], "grad_norm_first": steps[0]["grad_norm"],
             "loss_last": steps[-1]["loss"], "planner_mem_gib": planner_gib(overrides)}
 
@@ -379,6 +380,8 @@ def main() -> None:
             add(run_ours(f"ours_plain_{piece}", model_dir, best_mb, [], plain=piece.replace("+", ",")), "packed")
         if "plain" in words(args.extra):
             add(run_ours("ours_plain", model_dir, 1, [], plain=",".join(KERNELS)), "packed")
+        if "one_tokeniser" in words(args.extra):
+            add(run_ours("ours_one_tokeniser", model_dir, best_mb, ["data.num_workers=0"]), "packed")
         if "bf16_grads" in words(args.extra):
             add(run_ours("ours_bf16_grads", model_dir, best_mb, ["megatron.grad_reduce_in_fp32=false"]), "packed")
         if "long" in words(args.extra):

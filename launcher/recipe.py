@@ -100,6 +100,8 @@ class DataSection:
     pack_sequences: bool = True
     skip_bad_rows: bool = False
     shuffle: bool = True
+    # Processes per rank that tokenise rows beside the one that packs them (0: it tokenises alone).
+    num_workers: int = 4
     # Options of the chat template passed to every rendering, for example enable_thinking: false.
     apply_chat_template_kwargs: Any = field(default_factory=dict)
 
@@ -272,6 +274,8 @@ def _check(recipe: Recipe, path: Path, lines) -> None:
     for key, value in positive.items():
         if value is not None and value < 1:
             bad(key, f"{value} must be 1 or more")
+    if recipe.data.num_workers < 0:
+        bad("data.num_workers", f"{recipe.data.num_workers} must be 0 (tokenise in the data worker alone) or more")
     if recipe.job.max_restarts < 0:
         bad("job.max_restarts", f"{recipe.job.max_restarts} must be 0 (never) or more")
     if recipe.trainer.total_training_steps is not None and recipe.trainer.total_training_steps < 1:
