@@ -64,18 +64,28 @@ def test_bad_rows_name_file_and_row(tmp_path, tokenizer, row, message):
 
 
 def test_tokenising_processes_give_the_same_rows_in_the_same_order(tokenizer):
-    """data.num_workers processes tokenise in windows; the rows (their order, tokens, masks and
-    sample ids) are those of one process, over epochs too (the bundled set is ~700 samples)."""
+    """data.num_workers processes tokenise in windows, started by the data worker; the rows
+    (their order, tokens, masks and sample ids) are those of one process, over epochs too (the
+    bundled set is ~700 samples)."""
+    import signal
+
     import numpy as np
 
     from launcher.errors import UserError
 
+    from trainer.data.batches import prefetch
+
     def first_rows(workers, count=12):
         cfg = load_recipe(TINY, [f"data.num_workers={workers}", "data.max_length=2048"]).data
-        stream = SFTData(cfg.train_files, cfg, tokenizer, 0).stream()
+        stream = prefetch(SFTData(cfg.train_files, cfg, tokenizer, 0).stream())  # as the trainer reads it
         return [next(stream) for _ in range(count)]
 
-    alone, pooled = first_rows(0), first_rows(3)
+    alone = first_rows(0)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # the trainer's stop flag, inherited by workers
+    try:
+        pooled = first_rows(3)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert [(e, t) for e, t, _ in alone] == [(e, t) for e, t, _ in pooled] and alone[-1][0] >= 1
     for (_, _, a), (_, _, b) in zip(alone, pooled):
         for name in ("tokens", "labels", "loss_mask", "sample"):

@@ -133,20 +133,20 @@ def tokenised_rows(rows, tokenizer, data):
             if pending is not None:
                 yield from pending.get()
             if following is None:
+                pool.close()  # the workers take their stop sentinels and exit
+                pool.join()
                 return
             pending = following
     finally:
-        pool.terminate()
+        pool.terminate()  # a stream abandoned midway (a no-op after join)
 
 
 _TOKENISER: dict = {}  # in a tokenising process: the tokenizer and data section it started with
 
 
 def _start_tokeniser(tokenizer, data, parent: int) -> None:
-    import threading
-
     _TOKENISER.update(tokenizer=tokenizer, data=data)
-    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    _default_signals(parent)
 
 
 def _tokenise_row(item, tokenizer=None, data=None):
@@ -280,10 +280,10 @@ def prefetch(iterator, depth: int = 2):
     the iterator as it is, with no imports to repeat, and touches no GPU or process group.
     An exception in the worker is raised here; the worker ends when this process does (or
     when the generator is closed), and never holds the job's output open."""
+    import atexit
     import multiprocessing
     import pickle
     import queue as queue_errors
-    import threading
 
     context = multiprocessing.get_context("fork")
     items = context.Queue(maxsize=depth)
@@ -293,7 +293,7 @@ def prefetch(iterator, depth: int = 2):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)  # an orphaned worker must not keep a scheduler's output stream open
         os.dup2(devnull, 2)
-        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+        _default_signals(parent)
         try:
             for item in iterator:
                 items.put(("item", item))
@@ -305,8 +305,10 @@ def prefetch(iterator, depth: int = 2):
             items.put(("error", err))
         items.put(("done", None))
 
-    worker = context.Process(target=produce, daemon=True, name="moe-data")
+    # not daemonic, since it starts the tokenising processes (tokenised_rows); killed at exit instead
+    worker = context.Process(target=produce, name="moe-data")
     worker.start()
+    atexit.register(worker.kill)
     try:
         while True:
             try:
@@ -321,9 +323,21 @@ def prefetch(iterator, depth: int = 2):
                 raise item
             yield item
     finally:
-        if worker.is_alive():
-            worker.kill()
+        worker.kill()
         worker.join()
+        atexit.unregister(worker.kill)
+
+
+def _default_signals(parent: int) -> None:
+    """In a forked helper process: SIGTERM and SIGINT end it (the trainer's own SIGTERM handler,
+    inherited, would only set its stop flag, and a pool's terminate() then waited forever), and
+    it ends once `parent` is gone."""
+    import signal
+    import threading
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
 
 
 def _exit_when_orphaned(parent: int) -> None:
