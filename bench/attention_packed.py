@@ -70,6 +70,7 @@ def main() -> None:
         cu = torch.from_numpy(starts).cuda()
         cu.max_seqlen = int(np.diff(starts).max())
         cu.sample_ids = torch.from_numpy(ids).cuda()
+        cu.mean_sample = float(np.diff(starts).mean())
         q = torch.randn(LENGTH, ROWS, HEADS, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k, v = (torch.randn(LENGTH, ROWS, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                 for _ in range(2))

@@ -209,6 +209,7 @@ def collate(rows: list[Row], device, form: str = "boundaries", align: int = 1) -
         attention_mask = torch.from_numpy(cu_seqlens).to(device, non_blocking=True)
         attention_mask.max_seqlen = int(np.diff(cu_seqlens).max())  # sizes flash attention's grid
         attention_mask.sample_ids = stacked("sample")  # FlexAttention's document mask
+        attention_mask.mean_sample = float(np.diff(cu_seqlens).mean())  # (picks it or varlen)
     else:
         sample = stacked("sample")
         causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()

@@ -13,8 +13,9 @@ there (the CPU runs the plain code the tests check against):
 - adam: torch's AdamW (megatron-core's optimizer without apex or transformer-engine) through
   its fused kernel, one launch for all parameters instead of foreach's several passes;
 - attention: flash attention over variable-length samples (trainer.model.attention);
-- flex_attention: FlexAttention with a same-sample mask over packed samples instead, whose
-  kernel skips the score blocks across samples (trainer.model.attention);
+- flex_attention: FlexAttention with a same-sample mask instead, for micro-batches of short
+  samples (under 128 tokens on average): its kernel skips the score blocks across samples,
+  where the varlen kernel pays a tile per sample (trainer.model.attention);
 - permute: token permutation without host synchronisation (trainer.model.dispatch), on the
   CPU too;
 - grad_norm: the gradient norm and clipping of megatron-core's optimizer as two foreach
