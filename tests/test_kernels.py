@@ -75,3 +75,31 @@ def test_gradient_norm_and_clipping_equal_megatron_cores_fallback():
         utils.local_multi_tensor_scale(0, None, [[t], [expected]], 0.25)
         torch.testing.assert_close(g, expected)
         torch.testing.assert_close(c, expected)
+
+
+def test_flex_attention_document_mask_keeps_each_token_inside_its_sample():
+    """FlexAttention's same-sample block mask (the GPU path for short packed samples) gives SDPA
+    under the dense packed mask, forward, with grouped-query heads and samples that straddle its
+    128-token blocks; its backward runs on GPUs only (bench/gpu_speed.py checks it there)."""
+    import numpy as np
+
+    from trainer.data.batches import sample_boundaries
+    from trainer.model import attention
+
+    rows, length, heads, kv_heads, dim = 2, 320, 4, 2, 16
+    rng = np.random.default_rng(0)
+    sample = np.stack([np.repeat(np.arange(40), rng.integers(3, 40, 40))[:length] for _ in range(rows)])
+    sample[1, -37:] = -1  # a padding run, a sample of its own
+    cu = torch.from_numpy(sample_boundaries(list(sample)))
+    cu.sample_ids = torch.from_numpy(sample)
+    layer = attention.SDPAttention.__new__(attention.SDPAttention)
+    torch.nn.Module.__init__(layer)
+    layer.cp_size, layer.dropout, layer.softmax_scale = 1, 0.0, dim ** -0.5
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(length, rows, heads, dim, generator=generator)
+    k, v = (torch.randn(length, rows, kv_heads, dim, generator=generator) for _ in range(2))
+    dense = layer.forward(q, k, v, attention.boundaries_to_mask(cu, rows, length))
+    flex = layer._attend_flex(q, k, v, cu)
+    assert torch.allclose(flex, dense, atol=1e-5)
+    causal_only = layer.forward(q, k, v, None)  # a mask that let samples see each other would give this
+    assert not torch.allclose(flex, causal_only, atol=1e-3)

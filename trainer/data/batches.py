@@ -342,7 +342,7 @@ def _default_signals(parent: int) -> None:
 
 
 def _exit_when_orphaned(parent: int) -> None:
-    """In the data worker: end it once the trainer is gone (a killed rank), wherever it waits."""
+    """In a helper process: end it once its parent is gone (a killed rank), wherever it waits."""
     import time
 
     while os.getppid() == parent:
