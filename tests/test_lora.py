@@ -97,17 +97,16 @@ def test_lora_trains_only_adapters_from_the_base_and_is_the_same_under_every_lay
 def test_merged_export_gives_the_adapted_model_to_transformers(tmp_path, family):
     """Convert in, train adapters on every linear layer and the router, export with the adapters
     merged: transformers' logits of the merged model equal the trainer's adapted model's. The
-    Qwen2-MoE run leaves the routed experts and the router out (PEFT cannot hold them), so its
-    adapters (attention and the shared expert) also go out as a PEFT folder: `peft` loads it on
-    the base model and gives the merged model's logits."""
+    Qwen2-MoE and Qwen3-MoE runs leave the router out (PEFT cannot hold it), so their adapters
+    (attention, the routed experts as PEFT's target_parameters, Qwen2's shared expert) also go
+    out as a PEFT folder: `peft` loads it on the base model and gives the merged model's logits."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from tests.test_convert import convert, verify
 
-    peft_case = family == "qwen2_moe_a2_7b"
-    targets = (["model.lora.target_modules=[all-linear]", "model.lora.exclude_modules=['*.mlp.experts.*']"]
-               if peft_case else ["model.lora.target_modules=[all-linear,router]"])
+    peft_case = family.startswith(("qwen2", "qwen3"))
+    targets = ["model.lora.target_modules=[all-linear]" if peft_case else "model.lora.target_modules=[all-linear,router]"]
     hf = save_tiny_model(family, tmp_path / "hf")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (hf / name).write_bytes((REPO / "recipes" / "models" / "tiny_moe" / name).read_bytes())
@@ -115,7 +114,7 @@ def test_merged_export_gives_the_adapted_model_to_transformers(tmp_path, family)
     lora_run(tmp_path / "run", tmp_path / "mcore", f"model.path={hf}", *targets, "optim.lr=1e-2",
              "megatron.expert_model_parallel_size=1", nproc=1, steps=1)
     checkpoints = tmp_path / "run" / "checkpoints"
-    if family == FAMILIES[0]:  # without the flag: what to do instead; PEFT cannot hold expert adapters
+    if family == FAMILIES[0]:  # without the flag: what to do instead; PEFT cannot hold router adapters
         rc, _, err = convert("mcore-to-hf", "--mcore-path", checkpoints, "--hf-model-path", hf,
                              "--output-path", tmp_path / "plain")
         assert rc == 2 and "a LoRA checkpoint" in err and "--lora-merge" in err
