@@ -6,6 +6,7 @@ by the tokens it routes, so under sequence parallelism its gradient shrinks by t
 against one GPU (README, transformer-engine section); that is the base trainer's, not LoRA's."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -33,14 +34,20 @@ def lora_run(run_dir, base, *overrides, nproc=2, steps=3):
 def test_lora_trains_only_adapters_from_the_base_and_is_the_same_under_every_layout(base, tmp_path):
     """Step 0 is the base model; the adapted model's loss falls below the base's on the same
     batches; DDP and the optimizer hold the adapters only, as many as the planner counts; the
-    checkpoint holds only adapters. EP=1, EP=2, TP=2 (ETP=1, sequence parallel) and PP=2 give the
-    same losses and gradient norms, per-expert and shared expert adapters; a checkpoint saved
-    under EP=2 resumes under EP=1."""
+    checkpoint holds only adapters. EP=1, EP=2, TP=2 with ETP=1 and with ETP=2 (sequence
+    parallel) and PP=2 give the same losses and gradient norms, per-expert and shared expert
+    adapters; a checkpoint saved under EP=2 resumes under EP=1, one saved under TP=2/ETP=2 too."""
     from launcher.plan.layout import plan_layout
     from launcher.plan.memory import stage_adapter_params, stage_params
     from launcher.plan.models import read_model
     from launcher.recipe import load_recipe
 
+    import hashlib
+
+    def digests(folder):
+        return {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(folder).rglob("*")) if f.is_file()}
+
+    base_files = digests(base)
     common = ["model.override_config.moe_config.aux_loss_coeff=0",
               "model.lora.target_modules=[all-linear,router]", "megatron.expert_model_parallel_size=1"]
     # the base model itself on the same batches: no adapters, weights that never change
@@ -48,14 +55,17 @@ def test_lora_trains_only_adapters_from_the_base_and_is_the_same_under_every_lay
                          "optim.min_lr=0", "trainer.total_training_steps=3", *common[:1], common[2], *QUIET)
     layouts = {"ep1": [], "ep2": ["megatron.expert_model_parallel_size=2", "trainer.save_freq=2"],
                "tp2": ["megatron.tensor_model_parallel_size=2", "megatron.expert_tensor_parallel_size=1"],
+               "tp2_etp2": ["megatron.tensor_model_parallel_size=2", "megatron.expert_tensor_parallel_size=2",
+                            "trainer.save_freq=2"],
                "pp2": ["megatron.pipeline_model_parallel_size=2"]}
     found, logs = {}, {}
     for name, overrides in layouts.items():
         _, logs[name], found[name] = lora_run(tmp_path / name, base, *common, *overrides)
-    for name in ("ep2", "tp2"):
+    for name in ("ep2", "tp2", "tp2_etp2"):
         found[f"shared-{name}"] = lora_run(tmp_path / f"shared-{name}", base, *common, *layouts[name],
                                            "model.lora.expert_adapters=shared")[2]
 
+    assert digests(base) == base_files  # the base checkpoint every run read is bit-identical afterwards
     # B starts at zero: the first loss is the base model's; then the adapters learn
     assert losses(found["ep1"])[0] == losses(frozen)[0]
     assert all(a < b for a, b in zip(losses(found["ep1"])[1:], losses(frozen)[1:])), (found["ep1"], frozen)
@@ -65,24 +75,28 @@ def test_lora_trains_only_adapters_from_the_base_and_is_the_same_under_every_lay
             for x, y in zip([m[key] for m in a if "loss" in m], [m[key] for m in b if "loss" in m]):
                 assert abs(x - y) <= 1e-5 * abs(y), (key, x, y)
 
-    for name in ("ep2", "tp2", "pp2"):
+    for name in ("ep2", "tp2", "tp2_etp2", "pp2"):
         same(found[name], found["ep1"])
     same(found["shared-tp2"], found["shared-ep2"])
+    same(found["shared-tp2_etp2"], found["shared-ep2"])
     assert losses(found["shared-ep2"])[1] != losses(found["ep1"])[1]  # a shared pair is another model
 
-    _, log, resumed = lora_run(tmp_path / "resumed", base, *common,
-                               f"trainer.resume_from_path={tmp_path / 'ep2' / 'checkpoints' / 'step_000002'}")
-    assert "resumed from" in log and len(losses(resumed)) == 1
-    same(resumed, found["ep1"][2:])
+    for saved in ("ep2", "tp2_etp2"):
+        _, log, resumed = lora_run(tmp_path / f"resumed-{saved}", base, *common,
+                                   f"trainer.resume_from_path={tmp_path / saved / 'checkpoints' / 'step_000002'}")
+        assert "resumed from" in log and len(losses(resumed)) == 1
+        same(resumed, found["ep1"][2:])
 
     # megatron-core DDP and the optimizer hold the adapters only; the planner counts as many
-    line = logs["ep1"].split("lora: ")[1].split("\n")[0]
-    held = {k: int(v.replace(",", "")) for k, v in re.findall(r"(trainable|frozen|buffers|state for) ([\d,]+)", line)}
-    recipe = load_recipe(tmp_path / "ep1" / "recipe.yaml")
-    model = read_model(recipe.model.path)
-    layout = plan_layout(recipe, model)
-    planned = sum(stage_adapter_params(recipe, model, layout, 0))
-    assert held["trainable"] == held["buffers"] == planned > 0
+    for name in ("tp2_etp2", "ep1"):  # (ep1's figures are used below)
+        line = logs[name].split("lora: ")[1].split("\n")[0]
+        held = {k: int(v.replace(",", "")) for k, v in re.findall(r"(trainable|frozen|buffers|state for) ([\d,]+)",
+                                                                  line)}
+        recipe = load_recipe(tmp_path / name / "recipe.yaml")
+        model = read_model(recipe.model.path)
+        layout = plan_layout(recipe, model)
+        planned = sum(stage_adapter_params(recipe, model, layout, 0))
+        assert held["trainable"] == held["buffers"] == planned > 0, (name, held, planned)
     assert held["state for"] * 2 == planned  # the distributed optimizer: half on each of the 2 ranks
     assert held["frozen"] == sum(stage_params(model, layout, 0))  # the whole base
 
@@ -168,7 +182,8 @@ def test_the_planner_counts_lora_and_refuses_what_it_cannot_run():
             (["model.lora.rank=8", "megatron.dist_checkpointing_path=/b", "model.lora.target_modules=[qkv]"],
              "'qkv' is not a module LoRA can adapt; valid: linear_qkv, linear_proj"),
             (["model.lora.rank=8", "megatron.dist_checkpointing_path=/b", "trainer.n_gpus_per_node=2",
-              "megatron.tensor_model_parallel_size=2", "megatron.expert_model_parallel_size=1"],
-             "adapters on the routed experts need megatron.expert_tensor_parallel_size=1 (it is 2)")]:
+              "megatron.expert_tensor_parallel_size=2", "megatron.expert_model_parallel_size=1"],
+             "adapters on the routed experts need megatron.expert_tensor_parallel_size 1 or equal to "
+             "tensor_model_parallel_size (1); it is 2")]:
         code, _, err = run_launcher("validate", tiny, "--cluster", "local", *overrides)
         assert code == 2 and message in err and "Traceback" not in err, err

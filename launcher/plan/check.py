@@ -64,11 +64,12 @@ def _check_lora(recipe: Recipe, model: ModelDims, layout) -> None:
     if not targets:
         raise UserError(f"model.lora.target_modules: {model.family} has none of {sorted(lora.targets())}; "
                         f"it has {', '.join(sorted(adapted(model, LoraSection(target_modules=['all-linear', 'router']))))}")
-    if layout.etp > 1 and adapts_experts(model, lora):
-        # an expert split over ETP would need its adapter split and reduced with it; not built yet
-        raise UserError(f"model.lora: adapters on the routed experts need megatron.expert_tensor_parallel_size=1 "
-                        f"(it is {layout.etp}); set it to 1, or leave linear_fc1/linear_fc2 out of "
-                        "model.lora.target_modules")
+    if layout.etp not in (1, layout.tp) and adapts_experts(model, lora):
+        # the adapter parts every ETP rank holds whole are counted in the gradient norm once per
+        # TP group (trainer.model.lora): that holds where the two groups are the same
+        raise UserError(f"model.lora: adapters on the routed experts need megatron.expert_tensor_parallel_size "
+                        f"1 or equal to tensor_model_parallel_size ({layout.tp}); it is {layout.etp}. Set it so, "
+                        "or leave linear_fc1/linear_fc2 out of model.lora.target_modules")
 
 
 def _memory_problem(recipe: Recipe, cluster: Cluster, memory: Memory) -> str:

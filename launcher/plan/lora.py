@@ -54,8 +54,10 @@ def adapted(model: ModelDims, lora: LoraSection) -> set[str]:
     return lora.targets() & present
 
 
-def layer_adapter_params(model: ModelDims, lora: LoraSection, moe: bool, tp: int, ep: int) -> tuple[float, float]:
-    """(dense, expert) adapter parameters one GPU holds for one layer."""
+def layer_adapter_params(model: ModelDims, lora: LoraSection, moe: bool, tp: int, ep: int,
+                         etp: int = 1) -> tuple[float, float]:
+    """(dense, expert) adapter parameters one GPU holds for one layer. Under ETP > 1 the
+    experts' adapters split like their weights: fc1's B by rows, fc2's A by columns."""
     r = lora.rank
     dense = expert = 0.0
     targets = lora.targets()
@@ -69,10 +71,12 @@ def layer_adapter_params(model: ModelDims, lora: LoraSection, moe: bool, tp: int
                 dense += r * n_in / tp + r * n_out
             elif split == "whole":
                 dense += r * (n_in + n_out)
-            elif lora.expert_adapters == "shared":
-                dense += r * (n_in + n_out)
             else:
-                expert += model.num_experts / ep * r * (n_in + n_out)
+                pair = r * n_in + r * n_out / etp if name == "linear_fc1" else r * n_in / etp + r * n_out
+                if lora.expert_adapters == "shared":
+                    dense += pair
+                else:
+                    expert += model.num_experts / ep * pair
     return dense, expert
 
 
@@ -90,5 +94,5 @@ def layer_adapter_activations(model: ModelDims, lora: LoraSection, moe: bool, to
 
 
 def adapts_experts(model: ModelDims, lora: LoraSection) -> bool:
-    """Whether the recipe puts adapters on the routed experts (they need ETP=1)."""
+    """Whether the recipe puts adapters on the routed experts (they need ETP = 1 or TP)."""
     return lora.enabled and model.num_experts > 0 and bool(adapted(model, lora) & {"linear_fc1", "linear_fc2"})

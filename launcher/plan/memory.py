@@ -175,7 +175,8 @@ def stage_adapter_params(recipe: Recipe, model: ModelDims, layout: Layout, stage
     start = sum(layout.stage_layers[:stage])
     dense = expert = 0.0
     for layer in range(start, start + layout.stage_layers[stage]):
-        d, e = adapters.layer_adapter_params(model, recipe.model.lora, layer in model.moe_layers, layout.tp, layout.ep)
+        d, e = adapters.layer_adapter_params(model, recipe.model.lora, layer in model.moe_layers, layout.tp, layout.ep,
+                                              layout.etp)
         dense, expert = dense + d, expert + e
     return dense, expert
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from launcher.cluster import Cluster
 from launcher.errors import UserError
 from launcher.plan.layout import Layout, divisors, plan_layout
-from launcher.plan.lora import adapts_experts
 from launcher.plan.memory import Memory, stage_memories
 from launcher.plan.models import ModelDims
 from launcher.plan.memory import memory_budget
@@ -77,14 +76,12 @@ def search_layouts(recipe: Recipe, cluster: Cluster, model: ModelDims, first_fit
     found: list[Candidate] = []
     too_big: list[tuple[str, ...]] = []
     valid = 0
-    # LoRA adapters on the routed experts run with expert_tensor_parallel_size=1 only (check.py)
-    expert_adapters = adapts_experts(model, recipe.model.lora)
     for tp in [t for t in divisors(min(node, world)) if world % t == 0]:
         for cp in [c for c in divisors(world // tp) if c == 1 or (c & (c - 1) == 0 and seq % (2 * c * tp) == 0)]:
             for pp in [p for p in divisors(world // (tp * cp)) if p <= model.num_layers]:
                 dp = world // (tp * cp * pp)
                 for vpp in VIRTUAL_STAGES if pp > 1 else (1,):
-                    for etp in sorted({1, tp}) if not expert_adapters else (1,):
+                    for etp in sorted({1, tp}):
                         for ep in [e for e in divisors(model.num_experts) if world % (etp * e * pp) == 0]:
                             for mbs in [b for b in MICRO_BATCHES if gbs % (b * dp) == 0]:
                                 base = _variant(recipe, tp, cp, pp, vpp, ep, etp, mbs, (bf16_only, False, False))

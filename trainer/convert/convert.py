@@ -140,7 +140,7 @@ class Merger:
     """Adds each adapter into the weight it adapts, in megatron-core's layout (before the
     family's rule turns the weight into Hugging Face tensors); every adapter must find its weight.
     A SwiGLU fc1 is stored as its gate (weight_w) and up (weight_v) halves; its adapter's B too
-    (B_w, B_v), except in a routed experts' stack, whose B holds both halves."""
+    (B_w, B_v), in a routed experts' stack as well."""
 
     def __init__(self, src: Path, lora: dict):
         self.adapters = read_adapters(src)
@@ -157,12 +157,10 @@ class Merger:
         if f"{prefix}.A" not in self.adapters:
             return weight
         a = self.adapters[f"{prefix}.A"].float()
-        b = self.adapters[f"{prefix}.B_{half}" if half and not expert else f"{prefix}.B"].float()
+        b = self.adapters[f"{prefix}.B_{half}" if half else f"{prefix}.B"].float()
         if expert:  # a stack, one pair per expert (or one shared by all)
             index = int(expert[2]) if a.shape[0] > 1 else 0
             a, b = a[index], b[index]
-            if half:
-                b = b.chunk(2)[0 if half == "w" else 1]
         self.unused.discard(prefix)
         return (weight.float() + self.scale * (b @ a)).to(weight.dtype)
 

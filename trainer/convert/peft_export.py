@@ -24,6 +24,7 @@ from trainer.convert.families import rules_for
 
 
 def lora_adapter(src: Path, original: Path, out: Path) -> dict:
+    import torch
     from safetensors.torch import save_file
 
     from trainer.convert.convert import _finish_output, _start_output, lora_checkpoint, read_adapters
@@ -52,7 +53,9 @@ def lora_adapter(src: Path, original: Path, out: Path) -> dict:
     experts = [p for p in prefixes if ".mlp.experts." in p]
     parameters = _expert_parameters(experts, original, lora) if experts else {}
     for prefix in experts:
-        a, b = adapters[f"{prefix}.A"], adapters[f"{prefix}.B"]  # [experts, r, in], [experts, out, r]
+        a = adapters[f"{prefix}.A"]  # [experts, r, in]
+        b = (torch.cat([adapters[f"{prefix}.B_w"], adapters[f"{prefix}.B_v"]], dim=1)  # [experts, out, r]
+             if f"{prefix}.B_w" in adapters else adapters[f"{prefix}.B"])
         count, name = parameters[prefix]
         if a.shape[0] == 1:  # expert_adapters: shared, the same pair for every expert
             a, b = a.expand(count, -1, -1), b.expand(count, -1, -1)

@@ -14,9 +14,10 @@ planner counts it):
   part of its gradient there: such weights are flagged like megatron-core's own norms
   (`sequence_parallel`), whose gradients it sums over TP.
 - routed experts: one A/B pair per expert, stacked along the expert axis and split by EP like
-  the experts' weights (expert_tensor_parallel_size must be 1), run per expert by SequentialMLP
-  (CPU) and as grouped products by GroupedMLP (GPU); or one pair every expert shares
-  (`expert_adapters: shared`), an ordinary replicated weight that sees every routed token.
+  the experts' weights, run per expert by SequentialMLP (CPU) and as grouped products by
+  GroupedMLP (GPU); or one pair every expert shares (`expert_adapters: shared`), an ordinary
+  replicated weight that sees every routed token. Under expert_tensor_parallel_size > 1 (equal
+  to TP) they split over ETP like the experts' fc1 (column) and fc2 (row): _attach_experts.
 
 The adapters hang off the layers they adapt (`<linear>.lora`, `<experts>.lora_fc1/lora_fc2`)
 and add their output through forward hooks (GroupedMLP: its forward, run with them). Their
@@ -46,6 +47,7 @@ class Adapter(torch.nn.Module):
         self.key, self.scale, self.dropout = key, scale, dropout
         self.split = "whole"  # set by attach: "column", "row" or "whole"
         self.glu = False  # on a SwiGLU fc1, whose output is [gate; up] on each TP rank
+        self.summed_over = None  # routed experts under ETP > 1: ("A" or "B", the ETP group)
         if experts is None:
             a = _first_a(seed, key, rank, n_in)
             self.A = torch.nn.Parameter(a)
@@ -57,10 +59,37 @@ class Adapter(torch.nn.Module):
             self.B = torch.nn.Parameter(torch.zeros(count, n_out, rank))  # [experts, out, rank]
         self.experts = experts
 
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B as the forward uses them: under ETP > 1 the part every ETP rank holds whole
+        gets only this rank's share of its gradient, so its gradient is summed over ETP."""
+        a, b = self.A, self.B
+        if self.summed_over is not None:
+            part, group = self.summed_over
+            if part == "A":
+                a = _SumGradient.apply(a, group)
+            else:
+                b = _SumGradient.apply(b, group)
+        return a, b
+
     def middle(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout and self.training:
             x = torch.nn.functional.dropout(x, self.dropout)
         return x @ self.A.t().to(x.dtype)
+
+
+class _SumGradient(torch.autograd.Function):
+    """Identity forward; the gradient summed over `group` on the way back."""
+
+    @staticmethod
+    def forward(ctx, weight, group):
+        ctx.group = group
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def _first_a(seed: int, key: str, rank: int, n_in: int) -> torch.Tensor:
@@ -204,7 +233,11 @@ def _attach_router(router, key: str, lora, scale: float, seed: int, sequence_par
 
 
 def _attach_experts(experts, fc: str, key: str, lora, scale: float, seed: int, ps) -> None:
-    """A stack of adapters for the routed experts' `fc` (or one shared pair)."""
+    """A stack of adapters for the routed experts' `fc` (or one shared pair). Under ETP > 1
+    (equal to TP) an expert's fc1 is split by output rows and its fc2 by input columns over the
+    ETP ranks, which all see the same tokens: B of fc1 and A of fc2 are split the same way, and
+    the parts every ETP rank holds whole (A of fc1, B of fc2) get their gradients summed over
+    ETP; fc2's partial outputs are summed by megatron-core's ETP reduction, as the weight's are."""
     hidden = experts.config.hidden_size
     ffn = experts.config.moe_ffn_hidden_size
     glu = 2 if experts.config.gated_linear_unit else 1
@@ -217,12 +250,28 @@ def _attach_experts(experts, fc: str, key: str, lora, scale: float, seed: int, p
         total = local * ps.get_expert_model_parallel_world_size()
         adapter = Adapter(key, lora.rank, n_in, n_out, scale, lora.dropout, seed,
                           experts=(ep_rank * local, local, total))
-        for param in adapter.parameters():
+    adapter.glu = fc == "linear_fc1" and glu == 2
+    etp, etp_rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+    if etp > 1:
+        adapter.split = "column" if fc == "linear_fc1" else "row"
+        with torch.no_grad():  # this rank's part of the whole first values
+            if fc == "linear_fc1":  # rows of B: this rank's gate rows, then its up rows
+                halves = adapter.B.chunk(glu, dim=1)
+                adapter.B = torch.nn.Parameter(torch.cat([h.chunk(etp, dim=1)[etp_rank] for h in halves], dim=1))
+            else:
+                adapter.A = torch.nn.Parameter(adapter.A.chunk(etp, dim=2)[etp_rank].clone())
+        adapter.summed_over = ("A" if fc == "linear_fc1" else "B", ps.get_expert_tensor_parallel_group())
+    split_part = {"column": adapter.B, "row": adapter.A}.get(adapter.split)
+    for param in adapter.parameters():
+        if lora.expert_adapters != "shared":
             # expert weights: megatron-core reduces them over expert-DP and counts them in the
             # gradient norm on every rank that holds them, as it does the experts' own
             param.allreduce = False
-            param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, 0, 1
-    if experts.config.sequence_parallel and lora.expert_adapters == "shared":
+        # a part split over ETP counts towards the gradient norm on every rank; under ETP > 1 a
+        # part held whole counts once (TP rank 0; ETP equals TP)
+        split = param is split_part or (etp == 1 and lora.expert_adapters != "shared")
+        param.tensor_model_parallel, param.partition_dim, param.partition_stride = split, 0, 1
+    if experts.config.sequence_parallel and lora.expert_adapters == "shared" and etp == 1:
         adapter.A.sequence_parallel = adapter.B.sequence_parallel = True
     weight = next(experts.parameters())
     adapter.to(device=weight.device, dtype=weight.dtype)
@@ -241,8 +290,9 @@ def _expert_hook(adapter: Adapter, index: int):
         if adapter.dropout and adapter.training:
             x = torch.nn.functional.dropout(x, adapter.dropout)
         out, bias = output
-        middle = x @ adapter.A[i].t().to(x.dtype)
-        return torch.addmm(out, middle.to(out.dtype), adapter.B[i].t().to(out.dtype), alpha=adapter.scale), bias
+        a, b = adapter.weights()
+        middle = x @ a[i].t().to(x.dtype)
+        return torch.addmm(out, middle.to(out.dtype), b[i].t().to(out.dtype), alpha=adapter.scale), bias
 
     return hook
 
@@ -254,7 +304,7 @@ def _grouped_delta(adapter: Adapter | None, x: torch.Tensor, tokens_per_expert: 
         return None
     if adapter.dropout and adapter.training:
         x = torch.nn.functional.dropout(x, adapter.dropout)
-    a, b = adapter.A.to(x.dtype), adapter.B.to(x.dtype)
+    a, b = (w.to(x.dtype) for w in adapter.weights())
     if a.shape[0] == 1:  # one pair for every expert
         return (x @ a[0].t() * adapter.scale) @ b[0].t()
     # scale the rank-sized middle, not the full-size output
@@ -318,11 +368,8 @@ def adapter_state(model_chunks) -> dict:
                 state[key] = apply_swiglu_sharded_factory(
                     ShardedTensor.from_rank_offsets(key, param, (0, tp_rank, tp), replica_id=(0, 0, dp_rank)),
                     (), singleton_local_shards=True)
-            elif adapter.experts is not None and adapter.experts[2] > 1:
-                first, count, total = adapter.experts
-                state[key] = ShardedTensor.from_rank_offsets(
-                    key, param, (0, first // count, total // count),
-                    replica_id=(0, 0, ps.get_expert_data_parallel_rank()))
+            elif adapter.experts is not None:
+                state.update(_expert_shards(key, adapter, part, param, dp_rank))
             elif (adapter.split, part) in (("column", "B"), ("row", "A")):
                 axis = 0 if adapter.split == "column" else 1
                 state[key] = ShardedTensor.from_rank_offsets(key, param, (axis, tp_rank, tp),
@@ -332,11 +379,39 @@ def adapter_state(model_chunks) -> dict:
     return state
 
 
+def _expert_shards(key: str, adapter: Adapter, part: str, param, dp_rank: int) -> dict:
+    """A routed experts' stack (or shared pair): sharded along the global expert axis by EP, and
+    along its split axis by ETP where it is split. A SwiGLU fc1's B goes out as its gate and up
+    halves (B_w, B_v: [experts, ffn, rank] each), so its keys and shapes do not depend on ETP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    first, count, total = adapter.experts
+    per_expert = total > 1
+    etp, etp_rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+    data_rank = ps.get_expert_data_parallel_rank() if per_expert else dp_rank
+    axes = [(0, first // count, total // count)] if per_expert else []
+    split_axis = {("column", "B"): 1, ("row", "A"): 2}.get((adapter.split, part))
+    if split_axis is not None:
+        axes.append((split_axis, etp_rank, etp))
+        replica = (0, 0, data_rank)
+    else:  # whole on every ETP rank (and on every TP rank, a shared pair)
+        replica = (0, etp_rank if per_expert else ps.get_tensor_model_parallel_rank(), data_rank)
+    if part == "B" and adapter.glu:  # through a factory, so that the optimizer's states split alike
+
+        def halves(name, tensor, replica_id, flattened_range):
+            assert flattened_range is None, "a flattened optimizer state of a SwiGLU expert adapter"
+            return [ShardedTensor.from_rank_offsets(f"{name}_{h}", half.contiguous(), *axes, replica_id=replica_id)
+                    for h, half in zip("wv", tensor.chunk(2, dim=1))]
+
+        return {key: ShardedTensorFactory(key, param, halves, lambda parts: torch.cat(parts, dim=1), replica)}
+    return {key: ShardedTensor.from_rank_offsets(key, param, *axes, replica_id=replica)}
+
+
 def load_adapters(loaded: dict, model_chunks) -> None:
     for adapter in adapters(model_chunks):
         for part in ("A", "B"):
-            value = loaded[f"{adapter.key}{ADAPTER_KEY}.{part}"]
-            getattr(adapter, part).data.copy_(value)
+            getattr(adapter, part).data.copy_(loaded[f"{adapter.key}{ADAPTER_KEY}.{part}"])
 
 
 def counts(model_chunks, optimizer) -> dict:
