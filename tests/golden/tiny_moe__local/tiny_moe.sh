@@ -49,6 +49,7 @@ data:
   pack_sequences: true
   skip_bad_rows: false
   shuffle: true
+  num_workers: 4
   apply_chat_template_kwargs: {}
 megatron:
   tensor_model_parallel_size: 1
