@@ -2,7 +2,7 @@
 
     python3 bench/gpu_speed.py NAME [--models qwen3_moe_8l,qwen3_30b_a3b_slice] [--hf-mb 1,2,4]
         [--ours-mb 1,2,4] [--ablate attention,norm,grad_accum,adam,permute] [--extra plain,bf16_grads,long]
-        [--te-mb 4,8] [--lora-mb 4]
+        [--te-mb 4,8] [--lora-mb 4] [--gpus 2] [--set KEY=VALUE ...]
 
 Runs the bf16 matmul ceiling (an 8192^3 product), checks each fused kernel against the plain
 code it replaces (asserts), then for each model `transformers` and the trainer at each
@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 from trainer.model.fused import KERNELS  # noqa: E402
 RECIPE = REPO / "bench" / "qwen3_moe_mid.yaml"
 LENGTH, ROWS, STEPS = 4096, 8, 10
+EVERY_ROW: list[str] = []  # --set: recipe overrides for every trainer row
 
 
 def versions() -> dict:
@@ -74,6 +75,14 @@ def python_path(te: bool) -> str:
     site = os.environ.get("MOE_TE_SITE")
     parts = [p for p in [str(REPO), *os.environ.get("PYTHONPATH", "").split(":")] if p and p != site]
     return ":".join(([site] if te and site else []) + parts)
+
+
+def te_imports() -> bool:
+    """Whether the TE rows would run transformer-engine (without it the trainer quietly takes
+    the TE-free spec, and the row would be a second TE-free one)."""
+    check = subprocess.run([sys.executable, "-c", "import transformer_engine.pytorch"], capture_output=True,
+                           env={**os.environ, "PYTHONPATH": python_path(True)})
+    return check.returncode == 0
 
 
 def relative_error(out, ref) -> float:
@@ -239,7 +248,7 @@ def run_ours(name: str, model_dir: Path, mb: int, overrides: list[str], plain: s
     overrides = [f"model.path={model_dir}", f"data.micro_batch_size={mb}", f"data.global_batch_size={ROWS * gpus}",
                  f"trainer.n_gpus_per_node={gpus}", f"megatron.expert_model_parallel_size={gpus}",
                  f"trainer.total_training_steps={STEPS}", f"trainer.default_local_dir={run_dir / 'checkpoints'}",
-                 "trainer.save_freq=-1", "trainer.test_freq=-1", *overrides]
+                 "trainer.save_freq=-1", "trainer.test_freq=-1", *EVERY_ROW, *overrides]
     (run_dir / "recipe.yaml").write_text(load_recipe(RECIPE, overrides).to_yaml())
     env = {**os.environ, "MOE_PLAIN_KERNELS": plain, "PYTHONUNBUFFERED": "1", "MOE_TRANSFORMER_ENGINE": "1" if te else "0",
            "PYTHONPATH": python_path(te)}
@@ -324,9 +333,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile the best `ours` run's last two steps")
     parser.add_argument("--te-mb", default="", help="the trainer with transformer-engine at these micro-batch "
                         "sizes (rows ours_te), and its long-sample row at the best")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a recipe override for every trainer row (repeatable)")
     parser.add_argument("--lora-mb", default="", help="LoRA (rank 16, the default targets) at these micro-batch "
                         "sizes (rows ours_lora), on a base converted from random Hugging Face weights")
     args = parser.parse_args()
+    EVERY_ROW.extend(args.set)
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     words = lambda text: [x for x in text.split(",") if x]  # noqa: E731
 
@@ -389,6 +401,10 @@ def main() -> None:
         for gpus in ints(args.gpus):
             add(run_ours(f"ours_ep{gpus}", model_dir, best_mb, [], gpus=gpus), "packed")
         for mb in ints(args.te_mb):
+            if not te_imports():
+                add({"name": "ours_te", "micro_batch_size": mb, "error": "transformer-engine does not import from "
+                     f"MOE_TE_SITE={os.environ.get('MOE_TE_SITE')} (bench/te_install.sh)"}, "packed")
+                break
             add(run_ours("ours_te", model_dir, mb, [], te=True), "packed")
         if args.lora_mb:
             base = lora_base(model_dir)

@@ -8,6 +8,9 @@
 #   bench/te_install.sh stash .te/pieces/te.whl.part00      (one call per piece, back to back)
 #   bench/te_install.sh install /tmp/te                       (with .te/small and the SHA256)
 #
+# The last call must carry .te/pieces/SHA256 and .te/small beside the last piece, and should stop
+# when the install fails (`... install /tmp/te && python3 bench/gpu_speed.py ...`).
+#
 # TARGET is a site directory of its own: put it on PYTHONPATH for the transformer-engine path
 # only (MOE_TE_SITE=TARGET for bench/gpu_speed.py and bench/te_check.py).
 set -euo pipefail

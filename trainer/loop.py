@@ -2,7 +2,8 @@
 
     setup()       distributed init, megatron-core parallel state, seeds
     build()       this rank's model chunks in megatron-core DDP, optimizer, LR schedule
-    train()       steps of forward/backward over micro-batches, optimizer step, logging,
+    train()       steps of forward/backward over micro-batches, optimizer step, logging (a
+                  step's numbers during the next step, so the host never waits on the GPU),
                   validation and checkpoints; stops cleanly when asked to (SAVE_AND_EXIT)
 """
 
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from trainer import checkpoint, devices
 from trainer.model import fused
-from trainer.metrics import MetricsLog, flops_per_token, peak_tflops
+from trainer.metrics import InFlight, MetricsLog, flops_per_token, peak_tflops
 from trainer.profile import StepProfile
 
 STOP_FILE = "SAVE_AND_EXIT"  # written by the Slurm script when the time limit is near
@@ -46,7 +47,13 @@ class Run:
         """One micro-batch on the device (trainer.data.batches.collate)."""
         from trainer.data.batches import collate
 
-        return collate(rows, devices.device(), attention_form(self.recipe), packing_align(self.recipe))
+        batch = collate(rows, devices.device(), attention_form(self.recipe), packing_align(self.recipe))
+        if batch["attention_mask"] is not None and batch["attention_mask"].dtype == torch.int32 \
+                and not self.config.multi_latent_attention:
+            from trainer.model.attention import prepare_block_mask
+
+            prepare_block_mask(batch["attention_mask"])
+        return batch
 
 
 def attention_form(recipe) -> str:
@@ -98,7 +105,7 @@ def setup(recipe) -> None:
 
 def build(recipe, run_dir: Path) -> Run:
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -129,7 +136,7 @@ def build(recipe, run_dir: Path) -> Run:
         use_distributed_optimizer=meg.use_distributed_optimizer, average_in_collective=False)
     model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                      disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = finalize_grads
     config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     optim = recipe.optim
     opt_config = OptimizerConfig(
@@ -150,6 +157,27 @@ def build(recipe, run_dir: Path) -> Run:
         start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max(total, 1), wd_incr_style="constant")
     return Run(recipe=recipe, run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
                config=config, dtype=dtype)
+
+
+def finalize_grads(model, num_tokens=None, pg_collection=None, **kwargs) -> None:
+    """megatron-core's finalize_model_grads, dividing the gradients by the global batch's
+    response-token count on the device. megatron-core tests `num_tokens > 0` on the host first:
+    the host waits there for the whole backward, and the GPU then idles while the host launches
+    what follows (the optimizer's first kernels), a few milliseconds a step (bench/README.md)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(model, None, pg_collection=pg_collection, **kwargs)
+    if num_tokens is None:
+        return
+    pp = pg_collection.pp if pg_collection is not None else ps.get_pipeline_model_parallel_group()
+    dp_cp = (pg_collection.dp_cp if pg_collection is not None
+             else ps.get_data_parallel_group(with_context_parallel=True))
+    dist.broadcast(num_tokens, src=dist.get_process_group_ranks(pp)[-1], group=pp)  # counted on the last stage
+    dist.all_reduce(num_tokens, group=dp_cp)
+    scaling = 1.0 / num_tokens.clamp(min=1)  # no tokens: the gradients are zero already
+    for chunk in model:
+        chunk.scale_gradients(scaling)
 
 
 def _mark_replicated_experts(model, meg) -> None:
@@ -218,9 +246,9 @@ def on_this_cp_rank(batch: dict) -> dict:
     return batch
 
 
-def run_batches(run: Run, micro_batches: list[dict], forward_only: bool) -> tuple[float, float]:
-    """Forward (and backward) over this rank's micro-batches; (loss sum, token count) of the
-    global batch, the same on every rank."""
+def run_batches(run: Run, micro_batches: list[dict], forward_only: bool) -> torch.Tensor:
+    """Forward (and backward) over this rank's micro-batches; [loss sum, token count] of the
+    global batch, the same on every rank, on the device (reading it waits for the GPU)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -240,7 +268,7 @@ def run_batches(run: Run, micro_batches: list[dict], forward_only: bool) -> tupl
         for out in outputs:
             totals += out["lm loss"].to(totals)
     dist.all_reduce(totals)
-    return totals[0].item(), totals[1].item()
+    return totals
 
 
 def zero_grads(run: Run) -> None:
@@ -265,16 +293,21 @@ class RoutingCounter:
         routing_map = output[1]
         self.counts[module.layer_number - 1] += routing_map.sum(dim=0).to(self.counts)
 
-    def take(self, duplicates: int) -> dict[str, list[int]]:
+    def take(self) -> torch.Tensor:
+        """This step's counts [layers, experts], summed over ranks (on the device), and a fresh start."""
         dist.all_reduce(self.counts)
-        counts = self.counts.cpu()  # one copy to the host, not one per layer
-        result = {f"layer_{i}": [int(round(c / duplicates)) for c in row.tolist()]
-                  for i, row in enumerate(counts) if row.sum() > 0}
+        counts = self.counts.clone()
         self.counts.zero_()
-        return result
+        return counts
 
 
-def moe_aux_loss(num_microbatches: int) -> float | None:
+def per_layer(counts, duplicates: int) -> dict[str, list[int]]:
+    """tokens_per_expert as the metrics log it: layers that routed anything, TP duplicates removed."""
+    return {f"layer_{i}": [int(round(c / duplicates)) for c in row] for i, row in enumerate(counts) if sum(row) > 0}
+
+
+def moe_aux_loss():
+    """[sum, number of layer entries] of the load-balancing losses this step, on the device, or None."""
     from megatron.core.transformer.moe.moe_utils import (
         clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker, reduce_aux_losses_tracker_across_ranks)
 
@@ -284,14 +317,14 @@ def moe_aux_loss(num_microbatches: int) -> float | None:
         return None
     reduce_aux_losses_tracker_across_ranks(names)
     values = [tracker[n]["values"] for n in names]
-    layers = sum(int((v != 0).sum()) for v in values)
-    total = sum(float(v.sum()) for v in values)
-    clear_aux_losses_tracker()
-    return total / max(layers, 1) / max(num_microbatches, 1)
+    sums = torch.stack([sum(v.sum() for v in values), sum((v != 0).sum() for v in values)]).double()
+    clear_aux_losses_tracker()  # (after the sums on the same stream)
+    return sums
 
 
-def mtp_loss(num_microbatches: int) -> float | None:
-    """Mean multi-token-prediction loss over MTP layers, from megatron-core's tracker."""
+def mtp_loss():
+    """Mean multi-token-prediction loss over MTP layers this step, from megatron-core's tracker,
+    on the device (summed over micro-batches), or None."""
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     tracker = MTPLossLoggingHelper.tracker
@@ -302,7 +335,7 @@ def mtp_loss(num_microbatches: int) -> float | None:
         dist.all_reduce(values, group=tracker["reduce_group"])
     if tracker.get("avg_group") is not None:
         dist.all_reduce(values, group=tracker["avg_group"], op=dist.ReduceOp.AVG)
-    result = float(values.mean()) / max(num_microbatches, 1)
+    result = values.mean().double().reshape(1)
     values.zero_()
     return result
 
@@ -339,7 +372,7 @@ def validate(run: Run, val_rows: list) -> float | None:
             rows = val_rows[start:start + gbs]
             rows = rows + [empty_row(val_rows[0])] * (gbs - len(rows))  # every rank: the same micro-batch count
             batches = [run.batch(group) for group in split_for_rank(rows, mbs)]
-            s, c = run_batches(run, batches, forward_only=True)
+            s, c = run_batches(run, batches, forward_only=True).tolist()
             loss_sum, count = loss_sum + s, count + c
     for chunk in run.model:
         chunk.train()
@@ -472,50 +505,82 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         if val_loss is not None:
             log.log({"step": step, "val_loss": val_loss})
 
+    def fetch():
+        """The next step's (position, micro-batches on the device, seconds the host waited for them)."""
+        began = time.time()
+        position = next(stream)
+        return position, [run.batch(group) for group in position[3]], time.time() - began
+
+    def write(done, next_start: float | None = None) -> None:
+        """Log a trained step, once its numbers are on the host; its time runs to the next step's start."""
+        n = done.read()
+        elapsed = (next_start or time.time()) - n["start"]
+        (loss_sum, count), aux, mtp = n["totals"], n["aux"], n["mtp"]
+        tflops = per_token * n["tokens"] / elapsed / dist.get_world_size() / 1e12
+        record = {"step": n["step"], "epoch": n["epoch"], "loss": loss_sum / max(count, 1), "lr": n["lr"],
+                  "grad_norm": float(n["grad_norm"]) if n["grad_norm"] is not None else math.nan,
+                  "tokens_per_s": n["tokens"] / elapsed, "response_tokens": int(count), "step_time_s": elapsed,
+                  "data_time_s": n["data_time"], "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
+                  "moe_aux_loss": aux[0] / max(aux[1], 1) / n["micro_batches"] if aux else None,
+                  "mtp_loss": mtp[0] / n["micro_batches"] if mtp else None,
+                  "tokens_per_expert": per_layer(n["routed"], duplicates), "skipped_update": not n["ok"]}
+        if devices.on_gpu():
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        record["alerts"] = step_alerts(record, recent_losses, recipe.trainer.alert_loss_spike,
+                                       recipe.trainer.alert_expert_imbalance)
+        recent_losses.append(record["loss"])
+        for alert in record["alerts"] if rank0 else []:
+            print(f"alert: {alert}", flush=True)
+        log.log(record, console=n["step"] % recipe.trainer.log_every == 0 or n["step"] == total)
+
+    # The host never waits on a step's results before the next step is under way: the next rows
+    # are fetched while the GPU runs the optimizer, and a step is logged during the next one's
+    # backward (InFlight). A stop request seen during a step ends the run after that step.
+    upcoming, pending = fetch(), None
     with collectives_named(lambda: step + 1, recipe.trainer.collective_timeout_s):
-        while step < total:
-            if should_stop(run_dir, bool(signalled)):
-                save()
-                if rank0:
-                    print(f"stopped at step {step} on request; the next run resumes here", flush=True)
-                log.close()
-                return 0
-            profile.before_step(step)
-            start = time.time()
-            epoch, taken, tokens, groups, counts = next(stream)
-            train_data.counts.clear()  # the worker's: bad rows skipped, samples truncated
-            train_data.counts.update(counts)
-            batches = [run.batch(group) for group in groups]
-            data_time = time.time() - start
-            zero_grads(run)
-            loss_sum, count = run_batches(run, batches, forward_only=False)
-            ok, grad_norm, _ = run.optimizer.step()
-            run.scheduler.step(increment=1)
-            step += 1
-            aux = moe_aux_loss(len(batches))
-            mtp = mtp_loss(len(batches)) if recipe.model.enable_mtp else None
-            routed = counter.take(duplicates)
-            elapsed = time.time() - start
-            tflops = per_token * tokens / elapsed / dist.get_world_size() / 1e12
-            record = {"step": step, "epoch": epoch, "loss": loss_sum / max(count, 1), "lr": run.optimizer.param_groups[0]["lr"],
-                      "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                      "tokens_per_s": tokens / elapsed, "response_tokens": int(count), "step_time_s": elapsed,
-                      "data_time_s": data_time,
-                      "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
-                      "moe_aux_loss": aux, "mtp_loss": mtp, "tokens_per_expert": routed, "skipped_update": not ok}
-            if devices.on_gpu():
-                record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            record["alerts"] = step_alerts(record, recent_losses, recipe.trainer.alert_loss_spike,
-                                           recipe.trainer.alert_expert_imbalance)
-            recent_losses.append(record["loss"])
-            for alert in record["alerts"] if rank0 else []:
-                print(f"alert: {alert}", flush=True)
-            log.log(record, console=step % recipe.trainer.log_every == 0 or step == total)
-            profile.after_step(step)
-            if recipe.trainer.test_freq > 0 and step % recipe.trainer.test_freq == 0 and step < total:
-                validation_pass()
-            if recipe.trainer.save_freq > 0 and step % recipe.trainer.save_freq == 0 and step < total:
-                save()
+        try:
+            while step < total:
+                profile.before_step(step)
+                start = time.time()
+                (next_epoch, next_taken, tokens, _, counts), batches, data_time = upcoming
+                zero_grads(run)
+                totals = run_batches(run, batches, forward_only=False)
+                if pending is not None:  # the last step's numbers, on the host by now; the GPU is busy
+                    write(pending, start)
+                    pending = None
+                stop = should_stop(run_dir, bool(signalled))
+                ok, grad_norm, _ = run.optimizer.step()
+                run.scheduler.step(increment=1)
+                pending = InFlight({"totals": totals, "aux": moe_aux_loss(),
+                                    "mtp": mtp_loss() if recipe.model.enable_mtp else None, "routed": counter.take()},
+                                   step=step + 1, epoch=next_epoch, start=start, tokens=tokens, data_time=data_time,
+                                   ok=ok, grad_norm=grad_norm, lr=run.optimizer.param_groups[0]["lr"],
+                                   micro_batches=len(batches))
+                # the step is done once its last collective is (a timeout names the step in progress)
+                step, epoch, taken = step + 1, next_epoch, next_taken
+                train_data.counts.clear()  # the worker's: bad rows skipped, samples truncated
+                train_data.counts.update(counts)
+                upcoming = fetch() if step < total and not stop else None
+                validating = recipe.trainer.test_freq > 0 and step % recipe.trainer.test_freq == 0 and step < total
+                saving = recipe.trainer.save_freq > 0 and step % recipe.trainer.save_freq == 0 and step < total
+                if stop or validating or saving or step == total:
+                    write(pending)
+                    pending = None
+                profile.after_step(step)
+                if stop:
+                    save()
+                    if rank0:
+                        print(f"stopped at step {step} on request; the next run resumes here", flush=True)
+                    log.close()
+                    return 0
+                if validating:
+                    validation_pass()
+                if saving:
+                    save()
+        finally:
+            if pending is not None:  # an error mid-step: the step before it was trained, so log it
+                write(pending)
+
     validation_pass()
     save()
     if rank0:

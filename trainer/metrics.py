@@ -77,3 +77,41 @@ class MetricsLog:
             self.file.close()
         if self.writer:
             self.writer.close()
+
+
+class InFlight:
+    """A step's numbers that live on the GPU (loss sums, routed tokens, the MoE and MTP losses),
+    copied to the host without waiting: one tensor into pinned memory, and an event. The loop
+    reads them a step later, while the GPU runs the next step. Reading them at once made the
+    host wait for the step's last kernel, and the GPU then idled while the host logged, fetched
+    and collated the next rows and launched their first kernels (bench/README.md)."""
+
+    def __init__(self, parts: dict, **known):
+        import torch
+
+        self.known = known  # what the host already holds: step, timings, grad norm...
+        self.absent = [name for name, value in parts.items() if value is None]
+        present = {name: value for name, value in parts.items() if value is not None}
+        self.shapes = {name: tuple(value.shape) for name, value in present.items()}
+        flat = torch.cat([value.reshape(-1).double() for value in present.values()])
+        self.ready = None
+        if flat.is_cuda:
+            self.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self.host.copy_(flat, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = flat
+
+    def read(self) -> dict:
+        """The known values and the device ones (as lists, or None where absent), once copied."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        values, at = {**self.known, **dict.fromkeys(self.absent)}, 0
+        for name, shape in self.shapes.items():
+            size = 1
+            for n in shape:
+                size *= n
+            values[name] = self.host[at:at + size].reshape(shape).tolist()
+            at += size
+        return values

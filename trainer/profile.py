@@ -1,11 +1,13 @@
 """Where a step's time goes: a torch profile of the last two training steps, summarised by
 kernel group (matmul, attention, elementwise, communication, optimizer, copy), with the host's
-busiest operators and what made it wait on the GPU. Turned on with MOE_TORCH_PROFILE=FILE.json
+busiest operators, what made it wait on the GPU, and where the GPU sat idle waiting for the host
+(the gaps between kernels, by the code that launched the kernel after each). Turned on with MOE_TORCH_PROFILE=FILE.json
 (the benchmark does; MOE_TORCH_PROFILE_STACKS=1 adds the Python stack of each wait); rank 0
 writes the summary."""
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from pathlib import Path
@@ -91,6 +93,7 @@ def summarise(profiler, steps: int) -> dict:
             where = f"{event.name} <- {' <- '.join(frames)}"
             waits[where] = waits.get(where, 0) + 1
     return {
+        **gpu_idle(profiler, steps),
         "host_waits": [{"where": where[:400], "calls_per_step": count / steps}
                        for where, count in sorted(waits.items(), key=lambda kv: -kv[1])[:30]],
         "gpu_ms_per_step": round(total, 2),
@@ -104,3 +107,59 @@ def summarise(profiler, steps: int) -> dict:
         "top_kernels": [{"name": name[:160], "group": group_of(name), "ms_per_step": round(ms, 3),
                          "calls_per_step": calls, "share": round(ms / total, 4)} for name, (ms, calls) in top],
     }
+
+
+def gpu_idle(profiler, steps: int, shortest_ms: float = 0.1) -> dict:
+    """Time the GPU ran no kernel between the profile's first and last, per step, and the gaps of
+    at least `shortest_ms` grouped by the Python frames of the operator that launched the kernel
+    ending each gap: a gap is the host catching up (after a synchronisation, or Python work
+    that launches nothing), and that operator says how far into the step it was."""
+    from torch.autograd import DeviceType
+
+    events = profiler.events()
+    # (annotations that span kernels, as in summarise, are not kernels)
+    kernels = sorted((e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA
+                      and "#" not in e.name and not e.name.startswith("ProfilerStep")),
+                     key=lambda e: e.time_range.start)
+    if not kernels:
+        return {}
+    # a kernel that ends a gap started as soon as it was launched: the last launch call before it
+    launches = sorted((e for e in events if getattr(e, "device_type", None) == DeviceType.CPU
+                       and e.name.startswith(("cudaLaunch", "cuLaunch", "cudaMemcpy", "cudaMemset"))),
+                      key=lambda e: e.time_range.start)
+    starts = [e.time_range.start for e in launches]
+    idle, busy_until, gaps = 0.0, kernels[0].time_range.end, {}
+    for kernel in kernels[1:]:
+        gap = (kernel.time_range.start - busy_until) / 1e3  # ms
+        if gap > 0:
+            idle += gap
+        if gap >= shortest_ms:
+            at = bisect.bisect_right(starts, kernel.time_range.start) - 1
+            entry = gaps.setdefault(_called_from(launches[at] if at >= 0 else None), [0.0, 0])
+            entry[0] += gap
+            entry[1] += 1
+        busy_until = max(busy_until, kernel.time_range.end)
+    span = (busy_until - kernels[0].time_range.start) / 1e3
+    syncs: dict[str, list] = {}  # the host waiting for the GPU: after each, its queue starts empty
+    for event in events:
+        if getattr(event, "device_type", None) == DeviceType.CPU and "Synchronize" in event.name:
+            entry = syncs.setdefault(_called_from(event), [0.0, 0])
+            entry[0] += (event.time_range.end - event.time_range.start) / 1e3
+            entry[1] += 1
+    listed = lambda found, key: [{key: where[:400], "ms_per_step": round(ms / steps, 3), "per_step": count / steps}  # noqa: E731
+                                 for where, (ms, count) in sorted(found.items(), key=lambda kv: -kv[1][0])[:20]]
+    return {
+        "wall_ms_per_step": round(span / steps, 2),
+        "gpu_idle_ms_per_step": round(idle / steps, 2),
+        "idle_gaps": listed(gaps, "before"),
+        "syncs": listed(syncs, "at"),
+    }
+
+
+def _called_from(event) -> str:
+    """A runtime call's enclosing operators up to the first with a Python stack, and that stack."""
+    op, names = event, []
+    while op is not None and not op.stack and len(names) < 4:
+        op, names = op.cpu_parent, names + [op.name]
+    frames = [f for f in (op.stack if op is not None else []) if "torch/" not in f and "<built-in" not in f]
+    return " <- ".join(names + ([op.name] if op is not None else []) + frames[:3]) or "?"

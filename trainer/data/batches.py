@@ -198,7 +198,7 @@ def collate(rows: list[Row], device, form: str = "boundaries", align: int = 1) -
     import torch  # here: reading and packing the data needs no torch (launcher data check)
 
     def stacked(name):
-        return torch.from_numpy(np.stack([getattr(r, name) for r in rows])).to(device, non_blocking=True)
+        return to_device(np.stack([getattr(r, name) for r in rows]), device)
 
     tokens, labels, loss_mask = (stacked(n) for n in ("tokens", "labels", "loss_mask"))
     length = tokens.shape[1]
@@ -206,7 +206,7 @@ def collate(rows: list[Row], device, form: str = "boundaries", align: int = 1) -
         return _thd(tokens, labels, loss_mask, thd_boundaries([r.sample for r in rows], align), device)
     if form == "boundaries":
         cu_seqlens = sample_boundaries([r.sample for r in rows])
-        attention_mask = torch.from_numpy(cu_seqlens).to(device, non_blocking=True)
+        attention_mask = to_device(cu_seqlens, device)
         attention_mask.max_seqlen = int(np.diff(cu_seqlens).max())  # sizes flash attention's grid
         attention_mask.sample_ids = stacked("sample")  # FlexAttention's document mask
         attention_mask.mean_sample = float(np.diff(cu_seqlens).mean())  # (picks it or varlen)
@@ -222,12 +222,25 @@ def collate(rows: list[Row], device, form: str = "boundaries", align: int = 1) -
             "attention_mask": attention_mask, "position_ids": position_ids}
 
 
+def to_device(array: np.ndarray, device):
+    """A host array on `device`, queued behind the GPU's work instead of waiting for it: CUDA
+    copies from ordinary (pageable) memory only once the stream has run dry, which stalled the
+    host at every micro-batch while the previous step still ran. Pinned memory copies without
+    that wait (the caching host allocator keeps the buffer until the copy is done)."""
+    import torch
+
+    tensor = torch.from_numpy(array)
+    if torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def _thd(tokens, labels, loss_mask, boundaries, device) -> dict:
     import torch
     from megatron.core.packed_seq_params import PackedSeqParams
 
     real, padded = boundaries
-    on_device = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
+    on_device = lambda a: to_device(a, device)  # noqa: E731
     longest = int(np.diff(padded).max())
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=on_device(real), cu_seqlens_kv=on_device(real),
                              max_seqlen_q=longest, max_seqlen_kv=longest)

@@ -60,8 +60,7 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None:
             raise ValueError("THD packed sequences need transformer-engine; the trainer packs with a mask instead")
         if attention_mask is not None and attention_mask.dtype == torch.int32:
-            if (query.is_cuda and fused.enabled("flex_attention") and value.shape[-1] == query.shape[-1]
-                    and getattr(attention_mask, "mean_sample", 0) < FLEX_BELOW):
+            if query.is_cuda and value.shape[-1] == query.shape[-1] and flex_suits(attention_mask):
                 return self._attend_flex(query, key, value, attention_mask)
             if query.is_cuda and _varlen_attn() is not None:
                 return self._attend_samples(query, key, value, attention_mask)
@@ -111,6 +110,19 @@ class SDPAttention(MegatronModule):
         out = _flex(q.is_cuda)(q, k, v, block_mask=block_mask, scale=self.softmax_scale,
                                enable_gqa=k.shape[1] != q.shape[1])
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def flex_suits(boundaries: torch.Tensor) -> bool:
+    """Whether FlexAttention takes this micro-batch (short samples), when enabled."""
+    return fused.enabled("flex_attention") and getattr(boundaries, "mean_sample", 0) < FLEX_BELOW
+
+
+def prepare_block_mask(boundaries: torch.Tensor) -> None:
+    """Build the micro-batch's FlexAttention block mask now, when it will take it. The trainer
+    does so when it fetches the micro-batch, while the GPU still runs the previous step: built
+    by the first layer instead, its host work (a few milliseconds) left the GPU idle."""
+    if boundaries.is_cuda and flex_suits(boundaries) and getattr(boundaries, "block_mask", None) is None:
+        boundaries.block_mask = _document_mask(boundaries.sample_ids)
 
 
 def boundaries_to_mask(cu_seqlens: torch.Tensor, rows: int, length: int) -> torch.Tensor:
