@@ -75,10 +75,11 @@ def test_tokenising_processes_give_the_same_rows_in_the_same_order(tokenizer):
 
     from trainer.data.batches import prefetch
 
-    def first_rows(workers, count=12):
+    def first_rows(workers, count=16):
         cfg = load_recipe(TINY, [f"data.num_workers={workers}", "data.max_length=2048"]).data
-        stream = prefetch(SFTData(cfg.train_files, cfg, tokenizer, 0).stream())  # as the trainer reads it
-        return [next(stream) for _ in range(count)]
+        reader = SFTData(cfg.train_files, cfg, tokenizer, 0)
+        stream = prefetch(reader.slot_stream([0, 1], 2, {0: (0, 0), 1: (0, 0)}))  # as the trainer reads it
+        return [next(stream)[1:] for _ in range(count)]
 
     alone = first_rows(0)
     previous = signal.signal(signal.SIGTERM, lambda *_: None)  # the trainer's stop flag, inherited by workers
@@ -92,6 +93,46 @@ def test_tokenising_processes_give_the_same_rows_in_the_same_order(tokenizer):
             assert np.array_equal(getattr(a, name), getattr(b, name))
     with pytest.raises(UserError, match="data.num_workers: -1 must be 0"):
         load_recipe(TINY, ["data.num_workers=-1"])
+
+
+def test_each_rank_reads_only_its_row_slots_and_the_batches_do_not_depend_on_the_layout(tokenizer, monkeypatch):
+    """A global batch of 4 rows is 4 slots, each packing every 4th sample of the shuffled epoch:
+    two data-parallel ranks holding slots {0, 2} and {1, 3} get the rows one rank holding all four
+    gets, each tokenising only its half of the samples; and a stream resumed from the slots'
+    positions goes on with the same rows, across an epoch boundary."""
+    from trainer.data import batches
+
+    tokenised = []
+    tokenise = batches._tokenise_row
+    monkeypatch.setattr(batches, "_tokenise_row", lambda item, *rest: tokenised.append(item) or tokenise(item, *rest))
+    cfg = load_recipe(TINY, ["data.num_workers=0"]).data
+
+    def rows(slots, count, positions=None):
+        stream = SFTData(cfg.train_files, cfg, tokenizer, 0).slot_stream(slots, 4, positions or dict.fromkeys(slots, (0, 0)))
+        found: dict = {}
+        for _ in range(count * len(slots)):
+            slot, epoch, taken, row = next(stream)
+            found.setdefault(slot, []).append((epoch, taken, row.tokens.tobytes()))
+        return found
+
+    whole = rows([0, 1, 2, 3], 60)
+    read_by_one = len(tokenised)
+    tokenised.clear()
+    evens = rows([0, 2], 60)
+    assert len(tokenised) < 0.6 * read_by_one
+    odds = rows([1, 3], 60)
+    assert whole == {**evens, **odds}
+    assert whole[0][-1][0] == 1  # into the second epoch
+    middle = {slot: whole[slot][29][:2] for slot in whole}
+    assert rows([0, 1, 2, 3], 30, middle) == {slot: whole[slot][30:] for slot in whole}
+
+
+def test_fewer_usable_rows_than_a_global_batch_is_refused_not_waited_on(tmp_path, tokenizer):
+    path, cfg = data(tmp_path, [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(3)],
+                     "data.num_workers=0")
+    stream = SFTData([str(path)], cfg, tokenizer, 0).slot_stream([2, 3], 4, {2: (0, 0), 3: (0, 0)})
+    with pytest.raises(DataError, match="fewer usable rows than the 4 rows of a global batch"):
+        next(stream)
 
 
 def test_unknown_role_and_missing_column(tmp_path, tokenizer):

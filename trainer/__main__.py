@@ -41,7 +41,7 @@ def main(argv=None) -> int:
             val_config = dataclasses.replace(recipe.data, shuffle=False)  # the same rows every pass
             val_rows = list(SFTData(recipe.data.val_files, val_config, tokenizer, recipe.trainer.seed, align).rows(0))
         if recipe.trainer.total_training_steps is None:
-            rows = train_data.count_rows()
+            rows = train_data.count_rows(recipe.data.global_batch_size)
             recipe.trainer.total_training_steps = max(
                 1, math.ceil(rows * recipe.trainer.total_epochs / recipe.data.global_batch_size))
         loop.setup(recipe)

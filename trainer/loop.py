@@ -246,9 +246,10 @@ def on_this_cp_rank(batch: dict) -> dict:
     return batch
 
 
-def run_batches(run: Run, micro_batches: list[dict], forward_only: bool) -> torch.Tensor:
-    """Forward (and backward) over this rank's micro-batches; [loss sum, token count] of the
-    global batch, the same on every rank, on the device (reading it waits for the GPU)."""
+def run_batches(run: Run, micro_batches: list[dict], forward_only: bool, tokens: int = 0) -> torch.Tensor:
+    """Forward (and backward) over this rank's micro-batches; [loss sum, response-token count,
+    sum of `tokens` over data-parallel ranks] of the global batch, the same on every rank, on
+    the device (reading it waits for the GPU)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -261,12 +262,14 @@ def run_batches(run: Run, micro_batches: list[dict], forward_only: bool) -> torc
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iterators, model=run.model,
         num_microbatches=len(micro_batches), seq_length=length, micro_batch_size=rows, forward_only=forward_only)
-    totals = torch.zeros(2, dtype=torch.float64, device=devices.device())
+    totals = torch.zeros(3, dtype=torch.float64, device=devices.device())
     # Each CP rank holds a different part of the sequence: all of them count (TP ranks repeat it).
     counts_here = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
     if counts_here:
         for out in outputs:
-            totals += out["lm loss"].to(totals)
+            totals[:2] += out["lm loss"].to(totals)
+        if ps.get_context_parallel_rank() == 0:  # one rank of each data-parallel replica
+            totals[2] = tokens
     dist.all_reduce(totals)
     return totals
 
@@ -372,7 +375,7 @@ def validate(run: Run, val_rows: list) -> float | None:
             rows = val_rows[start:start + gbs]
             rows = rows + [empty_row(val_rows[0])] * (gbs - len(rows))  # every rank: the same micro-batch count
             batches = [run.batch(group) for group in split_for_rank(rows, mbs)]
-            s, c = run_batches(run, batches, forward_only=True).tolist()
+            s, c, _ = run_batches(run, batches, forward_only=True).tolist()
             loss_sum, count = loss_sum + s, count + c
     for chunk in run.model:
         chunk.train()
@@ -412,18 +415,39 @@ def collectives_named(current_step, timeout_s: int):
             "hung or died (its log says which; trainer.collective_timeout_s sets the wait)") from None
 
 
-def steps_of(train_data, epoch: int, taken: int, rows_per_step: int, micro_batch_size: int, dp: int, rank: int):
-    """Per optimizer step: (epoch, rows taken, the step's real tokens on all ranks, this rank's
-    micro-batches of rows, the data counts so far). Runs in the data worker (prefetch), so it
-    hands over only this rank's rows, and the counts it keeps."""
-    stream = train_data.stream(epoch, taken)
+def steps_of(train_data, positions: dict, rows_per_step: int, micro_batch_size: int, dp: int, rank: int):
+    """Per optimizer step: (this rank's slots' positions after it, the real tokens of this rank's
+    rows, this rank's micro-batches of rows, this rank's data counts so far). Runs in the data
+    worker (prefetch): each rank reads and tokenises only the row slots of the global batch it
+    trains on (SFTData.slot_stream), and every rank's rows are those of any other layout."""
+    groups = rank_share(list(range(rows_per_step)), micro_batch_size, dp, rank)
+    mine = [slot for group in groups for slot in group]
+    stream = train_data.slot_stream(mine, rows_per_step, positions)
     while True:
-        rows = []
-        for _ in range(rows_per_step):
-            epoch, taken, row = next(stream)
-            rows.append(row)
-        tokens = sum(r.real_tokens() for r in rows)
-        yield epoch, taken, tokens, rank_share(rows, micro_batch_size, dp, rank), dict(train_data.counts)
+        rows = {}
+        for _ in mine:
+            slot, epoch, taken, row = next(stream)
+            rows[slot] = row
+            positions = {**positions, slot: (epoch, taken)}
+        tokens = sum(row.real_tokens() for row in rows.values())
+        yield ({s: positions[s] for s in mine}, tokens, [[rows[s] for s in group] for group in groups],
+               dict(train_data.counts))
+
+
+def data_counts(per_rank) -> dict:
+    """Bad rows skipped and samples truncated, summed over data-parallel ranks (each reads its own)."""
+    total: dict = {}
+    for counts in per_rank:
+        for key, value in counts.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def gathered(value, group):
+    """Every data-parallel rank's `value` (a small picklable object), in rank order."""
+    values = [None] * dist.get_world_size(group)
+    dist.all_gather_object(values, value, group=group)
+    return values
 
 
 def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) -> int:
@@ -440,7 +464,8 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
     run = build(recipe, run_dir)
     ckpt_root = Path(recipe.trainer.default_local_dir)
     rank0 = dist.get_rank() == 0
-    step, epoch, taken = 0, 0, 0
+    gbs, mbs = recipe.data.global_batch_size, recipe.data.micro_batch_size
+    step, positions = 0, {slot: (0, 0) for slot in range(gbs)}  # each row slot's (epoch, rows taken)
     resume = checkpoint.resume_point(ckpt_root, recipe.trainer.resume_from_path)
     if resume is not None:
         refused = refusal(ckpt_root, recipe.to_dict())
@@ -449,9 +474,13 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         if recipe.model.lora.enabled:  # a LoRA checkpoint holds the adapters: the base comes from its own
             checkpoint.load_weights(Path(recipe.megatron.dist_checkpointing_path), run.model)
         state = checkpoint.load(resume, run.model, run.optimizer, run.scheduler)
-        step, epoch, taken = state["step"], state["epoch"], state["rows_taken"]
+        step = state["step"]
+        if "slots" in state:
+            positions = {slot: tuple(at) for slot, at in enumerate(state["slots"])}
+        else:  # written before row slots: their epoch from its start
+            positions = {slot: (state["epoch"], 0) for slot in range(gbs)}
         if rank0:
-            print(f"resumed from {resume} at step {step} (epoch {epoch}, {taken} rows into it)", flush=True)
+            print(f"resumed from {resume} at step {step} (epoch {min(e for e, _ in positions.values())})", flush=True)
     elif recipe.megatron.dist_checkpointing_path:
         checkpoint.load_weights(Path(recipe.megatron.dist_checkpointing_path), run.model)
         if rank0:
@@ -476,10 +505,11 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
     counter = RoutingCounter(run.model, model_dims.num_layers + (run.config.mtp_num_layers or 0),
                              model_dims.num_experts)
     duplicates = ps.get_tensor_model_parallel_world_size() if not recipe.megatron.sequence_parallel else 1
-    gbs, mbs = recipe.data.global_batch_size, recipe.data.micro_batch_size
     peak = peak_tflops()
     per_token = flops_per_token(model_dims)
-    stream = prefetch(steps_of(train_data, epoch, taken, gbs, mbs, ps.get_data_parallel_world_size(),
+    data_ranks = ps.get_data_parallel_group()
+    my_slots = [slot for group in split_for_rank(list(range(gbs)), mbs) for slot in group]
+    stream = prefetch(steps_of(train_data, positions, gbs, mbs, ps.get_data_parallel_world_size(),
                                ps.get_data_parallel_rank()))
     profile = StepProfile(rank0, first=max(total - 2, step))  # the last two steps
     signalled = []
@@ -488,7 +518,10 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
 
     def save() -> None:
         offload_grads(run, True)
-        state = {"step": step, "epoch": epoch, "rows_taken": taken, "counts": dict(train_data.counts),
+        everyone = gathered(({s: positions[s] for s in my_slots}, dict(train_data.counts)), data_ranks)
+        slots = {slot: at for held, _ in everyone for slot, at in held.items()}
+        state = {"step": step, "epoch": min(e for e, _ in slots.values()), "slots": [slots[s] for s in range(gbs)],
+                 "counts": data_counts(counts for _, counts in everyone),
                  "recipe": recipe.to_dict()}  # what this run is (launcher.resume)
         if recipe.model.lora.enabled:  # the adapters' base, for `launcher convert`
             state["lora_base"] = recipe.megatron.dist_checkpointing_path
@@ -509,17 +542,17 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         """The next step's (position, micro-batches on the device, seconds the host waited for them)."""
         began = time.time()
         position = next(stream)
-        return position, [run.batch(group) for group in position[3]], time.time() - began
+        return position, [run.batch(group) for group in position[2]], time.time() - began
 
     def write(done, next_start: float | None = None) -> None:
         """Log a trained step, once its numbers are on the host; its time runs to the next step's start."""
         n = done.read()
         elapsed = (next_start or time.time()) - n["start"]
-        (loss_sum, count), aux, mtp = n["totals"], n["aux"], n["mtp"]
-        tflops = per_token * n["tokens"] / elapsed / dist.get_world_size() / 1e12
+        (loss_sum, count, tokens), aux, mtp = n["totals"], n["aux"], n["mtp"]
+        tflops = per_token * tokens / elapsed / dist.get_world_size() / 1e12
         record = {"step": n["step"], "epoch": n["epoch"], "loss": loss_sum / max(count, 1), "lr": n["lr"],
                   "grad_norm": float(n["grad_norm"]) if n["grad_norm"] is not None else math.nan,
-                  "tokens_per_s": n["tokens"] / elapsed, "response_tokens": int(count), "step_time_s": elapsed,
+                  "tokens_per_s": tokens / elapsed, "response_tokens": int(count), "step_time_s": elapsed,
                   "data_time_s": n["data_time"], "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
                   "moe_aux_loss": aux[0] / max(aux[1], 1) / n["micro_batches"] if aux else None,
                   "mtp_loss": mtp[0] / n["micro_batches"] if mtp else None,
@@ -542,9 +575,9 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
             while step < total:
                 profile.before_step(step)
                 start = time.time()
-                (next_epoch, next_taken, tokens, _, counts), batches, data_time = upcoming
+                (held, tokens, _, counts), batches, data_time = upcoming
                 zero_grads(run)
-                totals = run_batches(run, batches, forward_only=False)
+                totals = run_batches(run, batches, forward_only=False, tokens=tokens)
                 if pending is not None:  # the last step's numbers, on the host by now; the GPU is busy
                     write(pending, start)
                     pending = None
@@ -553,11 +586,12 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
                 run.scheduler.step(increment=1)
                 pending = InFlight({"totals": totals, "aux": moe_aux_loss(),
                                     "mtp": mtp_loss() if recipe.model.enable_mtp else None, "routed": counter.take()},
-                                   step=step + 1, epoch=next_epoch, start=start, tokens=tokens, data_time=data_time,
+                                   step=step + 1, epoch=min(e for e, _ in held.values()), start=start,
+                                   data_time=data_time,
                                    ok=ok, grad_norm=grad_norm, lr=run.optimizer.param_groups[0]["lr"],
                                    micro_batches=len(batches))
                 # the step is done once its last collective is (a timeout names the step in progress)
-                step, epoch, taken = step + 1, next_epoch, next_taken
+                step, positions = step + 1, {**positions, **held}
                 train_data.counts.clear()  # the worker's: bad rows skipped, samples truncated
                 train_data.counts.update(counts)
                 upcoming = fetch() if step < total and not stop else None
@@ -583,10 +617,10 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
 
     validation_pass()
     save()
+    bad = data_counts(gathered(dict(train_data.counts), data_ranks))
     if rank0:
-        bad = train_data.counts
         if bad:
-            print(f"data: {dict(bad)}", flush=True)
+            print(f"data: {bad}", flush=True)
         print(f"done: {step} steps; metrics {run_dir / 'metrics.jsonl'}; checkpoint {ckpt_root / 'latest'}", flush=True)
     log.close()
     return 0

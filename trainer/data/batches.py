@@ -5,15 +5,18 @@ sample per row without packing). Each token carries the id of its sample, so att
 stays inside a sample; the label of a token is the next token of the same sample, and
 only labels that are assistant tokens count towards the loss.
 
-Every rank builds the same row stream from the seed; a step takes `global_batch_size`
-rows and each data-parallel rank trains on its own slice of them. The position in the
-stream (epoch, rows taken) is what a checkpoint stores.
+A global batch of `global_batch_size` rows is as many row slots: slot s packs the samples at
+places s, s + global_batch_size, ... of each epoch's shuffled order (the seed's), and each
+data-parallel rank reads and tokenises only the samples of the slots it trains on
+(`SFTData.slot_stream`). The batches are the same under any layout; each slot's position
+(epoch, rows taken) is what a checkpoint stores. `rows` packs a whole file in order (the
+validation set, the launcher's data check).
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -94,21 +97,104 @@ class SFTData:
             at += n
         return Row(tokens, labels, loss_mask, sample)
 
-    def count_rows(self) -> int:
-        """Rows in one epoch (epoch 0's packing); sets the step count when the recipe gives none."""
-        return sum(1 for _ in self.rows(0))
+    def count_rows(self, every: int = 1) -> int:
+        """Rows in one epoch (epoch 0's packing, `every` slots); sets the step count when the
+        recipe gives none."""
+        slots = range(every)
+        rows = self.slot_stream(slots, every, {s: (0, 0) for s in slots}, epochs=1)
+        return sum(1 for _ in rows)
 
-    def stream(self, epoch: int = 0, taken: int = 0) -> Iterator[tuple[int, int, Row]]:
-        """(epoch, rows taken in that epoch after this one, row) forever, from a saved position."""
+    def slot_stream(self, slots, every: int, positions: dict, epochs: int | None = None):
+        """(slot, epoch, rows the slot took in that epoch, row) for the given slots of a global
+        batch of `every` rows, one row of each slot in turn, forever (or for `epochs`).
+
+        Slot s packs, on its own, the samples at places s, s + every, s + 2 x every... of each
+        epoch's shuffled order. A step's rows are then the same however the slots are dealt to
+        data-parallel ranks (any layout trains on the same batches, and resumes under another),
+        and each rank tokenises only its own slots' samples. `positions` maps each slot to the
+        (epoch, rows taken) it resumes from."""
+        mine = set(slots)
+        first = min(positions[s][0] for s in slots)
+        source = self._slot_samples(mine, every, first, epochs)
+        waiting = {s: deque() for s in slots}  # samples read ahead for a slot that is behind
+
+        def next_sample(slot):
+            while not waiting[slot]:
+                epoch, place, sample = next(source)
+                waiting[place % every].append((epoch, sample))
+            return waiting[slot].popleft()
+
+        rows = {s: self._packed_slot(s, positions[s], next_sample) for s in slots}
+        active = list(slots)
+        while active:
+            for s in list(active):
+                try:
+                    yield (s, *next(rows[s]))
+                except StopIteration:  # only with `epochs`: this slot's last epoch is done
+                    active.remove(s)
+
+    def _packed_slot(self, slot, position, next_sample):
+        """One slot's (epoch, rows taken, row), packed greedily in order like `rows`; rows before
+        `position` are made and dropped (they are what a resumed run already trained on)."""
+        epoch, skip = position
+        taken, group, used = 0, [], 0
+        limit, pack, align = self.data.max_length, self.data.pack_sequences, self.align
         while True:
-            count = 0
-            for count, row in enumerate(self.rows(epoch), 1):
-                if count > taken:
-                    yield epoch, count, row
-            if count == 0:  # (else this would loop forever looking for a row)
-                raise DataError(f"{', '.join(self.files)}: no usable rows to train on (empty, or every row "
-                                f"bad and skipped: data.skip_bad_rows)")
-            epoch, taken = epoch + 1, 0
+            try:
+                sample_epoch, sample = next_sample(slot)
+            except StopIteration:  # the last epoch asked for has ended
+                if group and taken + 1 > skip:
+                    yield epoch, taken + 1, self.make_row(group)
+                return
+            if sample_epoch < epoch:  # before the resume point
+                continue
+            if sample_epoch > epoch:  # this slot's epoch is over: its last row, then the next epoch
+                if group:
+                    taken += 1
+                    if taken > skip:
+                        yield epoch, taken, self.make_row(group)
+                epoch, taken, skip, group, used = sample_epoch, 0, 0, [], 0
+            if group and (not pack or _round_up(used, align) + len(sample[0]) > limit):
+                taken += 1
+                if taken > skip:
+                    yield epoch, taken, self.make_row(group)
+                group, used = [], 0
+            group.append(sample)
+            used = _round_up(used, align) + len(sample[0])
+
+    def _slot_samples(self, mine: set, every: int, epoch: int, epochs: int | None):
+        """(epoch, place in the shuffled order, (ids, mask)) of the samples at places that fall
+        to `mine` (place mod `every`), tokenised in order, epoch after epoch."""
+        end = None if epochs is None else epoch + epochs
+        while end is None or epoch < end:
+            places: list[int] = []
+
+            def chosen(rows):
+                for place, item in enumerate(rows):
+                    if place % every in mine:
+                        places.append(place)
+                        yield item
+
+            rows = shuffled_rows(self.groups, self.columns, self.seed, epoch, self.data.shuffle)
+            filled = set()
+            for k, (where, tokenised) in enumerate(tokenised_rows(chosen(rows), self.tokenizer, self.data)):
+                try:
+                    if isinstance(tokenised, BadRow):
+                        raise tokenised
+                    sample = self.fit(*tokenised, where)
+                except BadRow:
+                    if not self.data.skip_bad_rows:
+                        raise
+                    self.counts["bad_rows_skipped"] += 1
+                    continue
+                filled.add(places[k] % every)
+                yield epoch, places[k], sample
+            if filled != mine:  # (else the slot would wait forever)
+                what = ("no usable rows to train on (empty, or every row bad and skipped: data.skip_bad_rows)"
+                        if not filled else f"fewer usable rows than the {every} rows of a global batch (each row "
+                        "packs its own share of the samples); lower data.global_batch_size or add rows")
+                raise DataError(f"{', '.join(self.files)}: {what}")
+            epoch += 1
 
 
 def tokenised_rows(rows, tokenizer, data):
