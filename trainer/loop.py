@@ -423,12 +423,13 @@ def steps_of(train_data, positions: dict, rows_per_step: int, micro_batch_size: 
     groups = rank_share(list(range(rows_per_step)), micro_batch_size, dp, rank)
     mine = [slot for group in groups for slot in group]
     stream = train_data.slot_stream(mine, rows_per_step, positions)
+    positions = dict(positions)
     while True:
         rows = {}
         for _ in mine:
             slot, epoch, taken, row = next(stream)
             rows[slot] = row
-            positions = {**positions, slot: (epoch, taken)}
+            positions[slot] = (epoch, taken)
         tokens = sum(row.real_tokens() for row in rows.values())
         yield ({s: positions[s] for s in mine}, tokens, [[rows[s] for s in group] for group in groups],
                dict(train_data.counts))
