@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -109,9 +110,7 @@ class InFlight:
             self.ready.synchronize()
         values, at = {**self.known, **dict.fromkeys(self.absent)}, 0
         for name, shape in self.shapes.items():
-            size = 1
-            for n in shape:
-                size *= n
+            size = math.prod(shape)
             values[name] = self.host[at:at + size].reshape(shape).tolist()
             at += size
         return values
