@@ -167,6 +167,26 @@ def check_kernels() -> dict:
         out.backward(grad)
         results.append((permuted.detach(), permuted_probs, out.detach(), x.grad))
     errors["permute"] = max(relative_error(a, r) for a, r in zip(*results))
+    # the output layer and loss in chunks (compiled) vs the whole fp32 logits; Qwen3's vocabulary
+    from trainer.model import output_loss
+
+    length, rows, vocab = 2048, 2, 151936
+    hidden = torch.randn(length, rows, 2048, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(vocab, 2048, device="cuda", dtype=torch.bfloat16) / 32
+    labels = torch.randint(0, vocab, (rows, length), device="cuda")
+    mask = (torch.rand(rows, length, device="cuda") > 0.3).float()
+    output_loss.compile_kernels()
+    results = []
+    for fused_path in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if fused_path:
+            losses = output_loss.linear_cross_entropy(h, w, labels, mask)
+        else:
+            logits = (h.float() @ w.float().t()).transpose(0, 1)
+            losses = F.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1), reduction="none").view(rows, length)
+        torch.where(mask > 0, losses, 0.0).sum().backward()
+        results.append((losses.detach(), h.grad, w.grad))
+    errors["output_loss"] = max(relative_error(a, r) for a, r in zip(*results))
     for name, err in errors.items():
         assert err is None or err < 2e-2, f"{name}: relative error {err:.2e} against the plain code"
     return {k: (float(f"{v:.3g}") if v is not None else None) for k, v in errors.items()}

@@ -103,3 +103,52 @@ def test_flex_attention_document_mask_keeps_each_token_inside_its_sample():
     assert torch.allclose(flex, dense, atol=1e-5)
     causal_only = layer.forward(q, k, v, None)  # a mask that let samples see each other would give this
     assert not torch.allclose(flex, causal_only, atol=1e-3)
+
+
+@pytest.mark.parametrize("weight_trains", [True, False], ids=["full", "frozen-output"])
+def test_output_loss_in_chunks_gives_the_cross_entropy_and_its_gradients(monkeypatch, weight_trains):
+    """The output layer and loss in chunks (trainer.model.output_loss, 3 chunks, the last one
+    short) against cross-entropy of the whole logits in float64: per-token losses, and the
+    gradients of the masked sum under a gradient scale, which is how the trainer's loss uses them.
+    Labels outside the mask are padding (-100)."""
+    from trainer.model import output_loss
+
+    length, rows, width, vocab = 100, 3, 16, 50
+    monkeypatch.setattr(output_loss, "LOGIT_ELEMENTS_PER_CHUNK", 128 * vocab)  # 128-token chunks
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(length, rows, width, generator=generator)
+    weight = torch.randn(vocab, width, generator=generator) / 4
+    labels = torch.randint(0, vocab, (rows, length), generator=generator)
+    mask = (torch.rand(rows, length, generator=generator) > 0.4).float()
+    mask[1] = 0  # a row with no response token
+    labels[mask == 0] = -100
+
+    def masked_sum(losses):
+        return 0.5 * torch.where(mask > 0, losses, 0.0).sum()  # 0.5: a gradient scale
+
+    results = []
+    for fused_path in (True, False):
+        h = hidden.clone().double().requires_grad_()
+        w = weight.clone().double().requires_grad_(weight_trains)
+        if fused_path:
+            h32, w32 = h.float(), w.float()
+            losses = output_loss.linear_cross_entropy(h32, w32, labels, mask)
+        else:
+            logits = (h @ w.t()).transpose(0, 1)  # [rows, length, vocab]
+            losses = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), labels.reshape(-1).clamp(min=0),
+                                                       reduction="none").view(rows, length)
+        masked_sum(losses).backward()
+        results.append((losses.detach().double(), h.grad, w.grad))
+        with torch.no_grad():  # validation: losses only
+            if fused_path:
+                torch.testing.assert_close(output_loss.linear_cross_entropy(hidden, weight, labels, mask).double(),
+                                           results[0][0])
+    (ours_loss, ours_h, ours_w), (ref_loss, ref_h, ref_w) = results
+    assert ours_loss.shape == (rows, length)
+    torch.testing.assert_close(ours_loss[mask > 0], ref_loss[mask > 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_h, ref_h, rtol=1e-5, atol=1e-6)
+    assert ours_h[:, 1].abs().max() == 0  # the row without response tokens gets no gradient
+    if weight_trains:
+        torch.testing.assert_close(ours_w, ref_w, rtol=1e-5, atol=1e-6)
+    else:
+        assert ours_w is None

@@ -57,7 +57,8 @@ def test_recompute_shrinks_activations():
     recompute = plan("qwen2_moe", "slurm", "model.enable_gradient_checkpointing=true").memory
     assert recompute.activations < full.activations / 3  # the logits stay
     longer = plan("qwen2_moe", "slurm", "data.max_length=8192").memory
-    assert longer.activations == pytest.approx(2 * full.activations, rel=0.05)
+    # the layers' activations double; the chunked output loss's buffers do not grow
+    assert 1.75 * full.activations < longer.activations < 2 * full.activations
 
 
 def test_deepseek_fits_on_h200_not_on_h100(tmp_path):

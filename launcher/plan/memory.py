@@ -10,7 +10,8 @@ The model, per pipeline stage (the report is the fullest stage):
   flash/SDPA attention, so nothing quadratic in the sequence), times the micro-batches the
   1F1B schedule keeps in flight on that stage (PP on the first stage); with
   `model.enable_gradient_checkpointing` (full recompute) a layer keeps only its input,
-  plus one layer's working set during backward; the last stage adds the logits;
+  plus one layer's working set during backward; the last stage adds the logits (without TP
+  or MTP, the trainer's chunked output loss: a chunk of them, and the output weight's gradient);
 - a fixed allowance for the CUDA context, NCCL buffers and allocator slack.
 With LoRA (`model.lora.rank` > 0) the base weights are frozen: bf16 weights only, no gradients
 or optimizer states; the adapters (launcher.plan.lora) have their weights, fp32 gradients and
@@ -31,6 +32,7 @@ from launcher.plan.models import ModelDims
 from launcher.recipe import Recipe
 
 GIB = 1024**3
+LOGIT_ELEMENTS_PER_CHUNK = 2 ** 28  # logits a chunk of trainer.model.output_loss holds (512 MiB in bf16)
 OVERHEAD_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation (measured later on H100)
 
 
@@ -198,9 +200,16 @@ def _stage_activations(recipe: Recipe, model: ModelDims, layout: Layout, stage: 
     else:
         acts = in_flight * sum(per_layer)
     if stage == layout.pp - 1:
-        # bf16 logits and the fp32 copy the vocab-parallel cross-entropy works on (the MTP
-        # layers compute their own)
-        acts += (1 + mtp) * s * b * padded_vocab(model, layout.tp) / layout.tp * 6
+        vocab = padded_vocab(model, layout.tp)
+        if layout.tp == 1 and not mtp:
+            # trainer.model.output_loss: the logits and their gradient a chunk at a time (bf16),
+            # the output weight's gradient in fp32 and its bf16 copy (none under LoRA: frozen)
+            weight_grad = 0 if recipe.model.lora.enabled else vocab * model.hidden * 6
+            acts += 2 * 2 * min(s * b * vocab, LOGIT_ELEMENTS_PER_CHUNK) + weight_grad
+        else:
+            # bf16 logits and the fp32 copy the vocab-parallel cross-entropy works on (the MTP
+            # layers compute their own)
+            acts += (1 + mtp) * s * b * vocab / layout.tp * 6
     return acts
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.model import fused
+from trainer.model import fused, output_loss
 from trainer.model.hf_config import ModelArgs, model_args
 
 
@@ -201,6 +201,7 @@ def build_model(recipe, dtype: torch.dtype, pre_process: bool, post_process: boo
         rotary_base=int(args.rotary_base),
         vp_stage=vp_stage,
     )
+    output_loss.install(model)
     if recipe.model.override_config.moe_config.freeze_moe_router:
         for name, param in model.named_parameters():
             if ".router." in name:

@@ -21,7 +21,9 @@ there (the CPU runs the plain code the tests check against):
 - grad_norm: the gradient norm and clipping of megatron-core's optimizer as two foreach
   kernels. Its fallback without apex or transformer-engine reads every gradient's norm on the
   host (a synchronisation per tensor: 76 a step on the 8-layer benchmark model, found by the
-  profile's host waits) and scales gradients one by one. On the CPU too.
+  profile's host waits) and scales gradients one by one. On the CPU too;
+- output_loss: the output layer and the cross-entropy in chunks of tokens, never holding the
+  logits (trainer.model.output_loss). On the CPU too.
 
 With transformer-engine (trainer.model.build) its own layers, attention, optimizer and gradient
 norm replace most of the above (the experts and token permutation stay the trainer's), and
@@ -43,8 +45,8 @@ import types
 import torch
 
 KERNELS = ("attention", "flex_attention", "norm", "grad_accum", "adam", "permute", "grad_norm",
-           "rope", "swiglu", "cross_entropy", "router")
-ON_CPU_TOO = ("permute", "grad_norm")
+           "output_loss", "rope", "swiglu", "cross_entropy", "router")
+ON_CPU_TOO = ("permute", "grad_norm", "output_loss")
 
 
 def enabled(name: str) -> bool:
