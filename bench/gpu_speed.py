@@ -375,6 +375,7 @@ def main() -> None:
 
     result["ceiling_tflops"] = round(matmul_ceiling(), 1)
     result["kernel_checks"] = check_kernels()
+    torch.cuda.empty_cache()  # the checks' cached blocks would be missing from every row's GPU
     print("ceiling", result["ceiling_tflops"], "TFLOP/s; kernel checks", result["kernel_checks"], flush=True)
     save()
     data = str(REPO / "recipes" / "data" / "tiny_sft.parquet")
@@ -407,7 +408,8 @@ def main() -> None:
         for mb in ints(args.ours_mb):
             add(run_ours("ours", model_dir, mb, []), "packed")
         done = [r for r in rows if r["name"] == "ours" and "tokens_per_s" in r]
-        best_mb = max(done, key=lambda r: r["tokens_per_s"])["micro_batch_size"] if done else 1
+        best_mb = max(done, key=lambda r: r["tokens_per_s"])["micro_batch_size"] if done \
+            else max(ints(args.ours_mb), default=1)
         for piece in words(args.ablate):  # a piece, or several joined by +
             add(run_ours(f"ours_plain_{piece}", model_dir, best_mb, [], plain=piece.replace("+", ",")), "packed")
         if "plain" in words(args.extra):

@@ -427,9 +427,8 @@ def steps_of(train_data, positions: dict, rows_per_step: int, micro_batch_size: 
     while True:
         rows = {}
         for _ in mine:
-            slot, epoch, taken, row = next(stream)
-            rows[slot] = row
-            positions[slot] = (epoch, taken)
+            slot, position, row = next(stream)
+            rows[slot], positions[slot] = row, position
         tokens = sum(row.real_tokens() for row in rows.values())
         yield ({s: positions[s] for s in mine}, tokens, [[rows[s] for s in group] for group in groups],
                dict(train_data.counts))
@@ -466,7 +465,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
     ckpt_root = Path(recipe.trainer.default_local_dir)
     rank0 = dist.get_rank() == 0
     gbs, mbs = recipe.data.global_batch_size, recipe.data.micro_batch_size
-    step, positions = 0, {slot: (0, 0) for slot in range(gbs)}  # each row slot's (epoch, rows taken)
+    step, positions = 0, {slot: (0, 0) for slot in range(gbs)}  # each row slot's next sample: (epoch, place)
     resume = checkpoint.resume_point(ckpt_root, recipe.trainer.resume_from_path)
     if resume is not None:
         refused = refusal(ckpt_root, recipe.to_dict())
@@ -476,9 +475,9 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
             checkpoint.load_weights(Path(recipe.megatron.dist_checkpointing_path), run.model)
         state = checkpoint.load(resume, run.model, run.optimizer, run.scheduler)
         step = state["step"]
-        if "slots" in state:
-            positions = {slot: tuple(at) for slot, at in enumerate(state["slots"])}
-        else:  # written before row slots: their epoch from its start
+        if "next_samples" in state:
+            positions = {slot: tuple(at) for slot, at in enumerate(state["next_samples"])}
+        else:  # written before slots packed across epochs: the epoch from its start
             positions = {slot: (state["epoch"], 0) for slot in range(gbs)}
         if rank0:
             print(f"resumed from {resume} at step {step} (epoch {min(e for e, _ in positions.values())})", flush=True)
@@ -521,7 +520,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         offload_grads(run, True)
         everyone = gathered(({s: positions[s] for s in my_slots}, dict(train_data.counts)), data_ranks)
         slots = {slot: at for held, _ in everyone for slot, at in held.items()}
-        state = {"step": step, "epoch": min(e for e, _ in slots.values()), "slots": [slots[s] for s in range(gbs)],
+        state = {"step": step, "epoch": min(e for e, _ in slots.values()), "next_samples": [slots[s] for s in range(gbs)],
                  "counts": data_counts(counts for _, counts in everyone),
                  "recipe": recipe.to_dict()}  # what this run is (launcher.resume)
         if recipe.model.lora.enabled:  # the adapters' base, for `launcher convert`

@@ -9,7 +9,7 @@ A global batch of `global_batch_size` rows is as many row slots: slot s packs th
 places s, s + global_batch_size, ... of each epoch's shuffled order (the seed's), and each
 data-parallel rank reads and tokenises only the samples of the slots it trains on
 (`SFTData.slot_stream`). The batches are the same under any layout; each slot's position
-(epoch, rows taken) is what a checkpoint stores. `rows` packs a whole file in order (the
+(the epoch and place of its next sample) is what a checkpoint stores. `rows` packs a whole file in order (the
 validation set, the launcher's data check).
 """
 
@@ -105,26 +105,27 @@ class SFTData:
         return sum(1 for _ in rows)
 
     def slot_stream(self, slots, every: int, positions: dict, epochs: int | None = None):
-        """(slot, epoch, rows the slot took in that epoch, row) for the given slots of a global
-        batch of `every` rows, one row of each slot in turn, forever (or for `epochs`).
+        """(slot, position, row) for the given slots of a global batch of `every` rows, one row
+        of each slot in turn, forever (or for `epochs`).
 
         Slot s packs, on its own, the samples at places s, s + every, s + 2 x every... of each
-        epoch's shuffled order. A step's rows are then the same however the slots are dealt to
-        data-parallel ranks (any layout trains on the same batches, and resumes under another),
-        and each rank tokenises only its own slots' samples. `positions` maps each slot to the
-        (epoch, rows taken) it resumes from."""
-        mine = set(slots)
-        first = min(positions[s][0] for s in slots)
-        source = self._slot_samples(mine, every, first, epochs)
+        epoch's shuffled order, epoch after epoch without a break (a row may end one epoch and
+        start the next: a small data set trained for many epochs wastes no half-empty rows). A
+        step's rows are then the same however the slots are dealt to data-parallel ranks (any
+        layout trains on the same batches, and resumes under another), and each rank tokenises
+        only its own slots' samples. A position is the (epoch, place) of the next sample a slot
+        packs: `positions` gives each slot's to resume from, and each row comes with the one
+        after it."""
+        source = self._slot_samples({s: tuple(positions[s]) for s in slots}, every, epochs)
         waiting = {s: deque() for s in slots}  # samples read ahead for a slot that is behind
 
         def next_sample(slot):
             while not waiting[slot]:
                 epoch, place, sample = next(source)
-                waiting[place % every].append((epoch, sample))
+                waiting[place % every].append((epoch, place, sample))
             return waiting[slot].popleft()
 
-        rows = {s: self._packed_slot(s, positions[s], next_sample) for s in slots}
+        rows = {s: self._packed_slot(s, next_sample) for s in slots}
         active = list(slots)
         while active:
             for s in list(active):
@@ -133,45 +134,36 @@ class SFTData:
                 except StopIteration:  # only with `epochs`: this slot's last epoch is done
                     active.remove(s)
 
-    def _packed_slot(self, slot, position, next_sample):
-        """One slot's (epoch, rows taken, row), packed greedily in order like `rows`; rows before
-        `position` are made and dropped (they are what a resumed run already trained on)."""
-        epoch, skip = position
-        taken, group, used = 0, [], 0
+    def _packed_slot(self, slot, next_sample):
+        """A slot's (position after the row, row), packed greedily in order like `rows`."""
+        group, used = [], 0
         limit, pack, align = self.data.max_length, self.data.pack_sequences, self.align
         while True:
             try:
-                sample_epoch, sample = next_sample(slot)
+                epoch, place, sample = next_sample(slot)
             except StopIteration:  # the last epoch asked for has ended
-                if group and taken + 1 > skip:
-                    yield epoch, taken + 1, self.make_row(group)
-                return
-            if sample_epoch < epoch:  # before the resume point
-                continue
-            if sample_epoch > epoch:  # this slot's epoch is over: its last row, then the next epoch
                 if group:
-                    taken += 1
-                    if taken > skip:
-                        yield epoch, taken, self.make_row(group)
-                epoch, taken, skip, group, used = sample_epoch, 0, 0, [], 0
+                    yield (epoch + 1, 0), self.make_row(group)
+                return
             if group and (not pack or _round_up(used, align) + len(sample[0]) > limit):
-                taken += 1
-                if taken > skip:
-                    yield epoch, taken, self.make_row(group)
+                yield (epoch, place), self.make_row(group)
                 group, used = [], 0
             group.append(sample)
             used = _round_up(used, align) + len(sample[0])
 
-    def _slot_samples(self, mine: set, every: int, epoch: int, epochs: int | None):
+    def _slot_samples(self, positions: dict, every: int, epochs: int | None):
         """(epoch, place in the shuffled order, (ids, mask)) of the samples at places that fall
-        to `mine` (place mod `every`), tokenised in order, epoch after epoch."""
+        to the slots of `positions` (place mod `every`), from each slot's position on, tokenised
+        in order, epoch after epoch. Samples before a slot's position are never tokenised."""
+        epoch = min(e for e, _ in positions.values())
         end = None if epochs is None else epoch + epochs
         while end is None or epoch < end:
             places: list[int] = []
 
             def chosen(rows):
                 for place, item in enumerate(rows):
-                    if place % every in mine:
+                    slot = place % every
+                    if slot in positions and (epoch, place) >= positions[slot]:
                         places.append(place)
                         yield item
 
@@ -189,7 +181,9 @@ class SFTData:
                     continue
                 filled.add(places[k] % every)
                 yield epoch, places[k], sample
-            if filled != mine:  # (else the slot would wait forever)
+            # slots that read this whole epoch and found nothing would wait forever
+            whole = {s for s, at in positions.items() if at <= (epoch, s)}
+            if whole - filled:
                 what = ("no usable rows to train on (empty, or every row bad and skipped: data.skip_bad_rows)"
                         if not filled else f"fewer usable rows than the {every} rows of a global batch (each row "
                         "packs its own share of the samples); lower data.global_batch_size or add rows")
