@@ -155,14 +155,16 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tmp_path, init_checkpoin
 
     data = unequal_data(tmp_path / "eight.parquet")
     recipe = load_recipe(TINY, [f"data.train_files={data}", "data.shuffle=false"])
-    reader = SFTData([str(data)], recipe.data, load_tokenizer(recipe.model.tokenizer_path), 0)
-    # the fewest row slots of a global batch that take all eight samples in one row each
-    packed_rows = next(rows for rows in range(1, 9) if reader.count_rows(rows) == rows)
-    assert packed_rows < 8
+    lengths = [len(ids) for ids, _ in SFTData([str(data)], recipe.data, load_tokenizer(recipe.model.tokenizer_path),
+                                             0).samples(0)]
+    assert len(set(lengths[:4])) == len(set(lengths[4:])) == 1
+    # four row slots, each packing one short and one long sample into a row they fill exactly,
+    # so that the first step holds the eight samples and nothing of the next epoch
     common = [f"megatron.dist_checkpointing_path={init_checkpoint}", "trainer.total_training_steps=1", *STEADY,
-              f"data.train_files={data}", "data.shuffle=false", "megatron.expert_model_parallel_size=1"]
+              f"data.train_files={data}", "data.shuffle=false", "megatron.expert_model_parallel_size=1",
+              f"data.max_length={lengths[0] + lengths[4]}"]
     _, _, packed = train(tmp_path / "packed", *common, "data.pack_sequences=true", "data.micro_batch_size=1",
-                         f"data.global_batch_size={packed_rows}", nproc=1)
+                         "data.global_batch_size=4", nproc=1)
     _, _, unpacked = train(tmp_path / "unpacked", *common, "data.pack_sequences=false", "data.micro_batch_size=4",
                            "data.global_batch_size=8", nproc=1)
     assert losses(packed) == pytest.approx(losses(unpacked), rel=1e-5)
