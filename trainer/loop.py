@@ -18,12 +18,10 @@ from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from trainer import checkpoint, devices
-from trainer.data.batches import to_device
 from trainer.model import fused
 from trainer.metrics import InFlight, MetricsLog, flops_per_token, peak_tflops
 from trainer.profile import StepProfile
@@ -78,9 +76,6 @@ def packing_align(recipe) -> int:
     return 2 * cp if cp > 1 and attention_form(recipe) == "thd" else 1
 
 
-_host_group = None  # every rank over gloo, for small agreements made on the host (None: the default group is)
-
-
 def setup(recipe) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -93,8 +88,6 @@ def setup(recipe) -> None:
     timeout = timedelta(seconds=recipe.trainer.collective_timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(devices.backend(), timeout=timeout)
-    global _host_group
-    _host_group = dist.new_group(backend="gloo", timeout=timeout) if devices.backend() != "gloo" else None
     meg = recipe.megatron
     ps.initialize_model_parallel(
         distributed_timeout_minutes=timeout.total_seconds() / 60,
@@ -269,15 +262,14 @@ def run_batches(run: Run, micro_batches: list[dict], forward_only: bool, tokens:
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iterators, model=run.model,
         num_microbatches=len(micro_batches), seq_length=length, micro_batch_size=rows, forward_only=forward_only)
+    totals = torch.zeros(3, dtype=torch.float64, device=devices.device())
     # Each CP rank holds a different part of the sequence: all of them count (TP ranks repeat it).
     counts_here = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-    # one rank of each data-parallel replica counts its tokens; through pinned memory, since a
-    # number written into a GPU tensor waits for the GPU to finish the backward pass
-    replica_tokens = tokens if counts_here and ps.get_context_parallel_rank() == 0 else 0
-    totals = to_device(np.array([0.0, 0.0, replica_tokens]), devices.device())
     if counts_here:
         for out in outputs:
             totals[:2] += out["lm loss"].to(totals)
+        if ps.get_context_parallel_rank() == 0:  # one rank of each data-parallel replica
+            totals[2] = tokens
     dist.all_reduce(totals)
     return totals
 
@@ -365,11 +357,8 @@ def rank_share(rows: list, micro_batch_size: int, dp: int, rank: int) -> list[li
 
 
 def should_stop(run_dir: Path, signalled: bool) -> bool:
-    """Whether any rank was asked to stop; agreed on the host (gloo), so the host never waits
-    for the GPU here: a flag sent through the GPU waited for the backward pass to end, and the
-    GPU then idled while the host launched the optimizer."""
-    flag = torch.tensor([1.0 if (signalled or (run_dir / STOP_FILE).exists()) else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_host_group)
+    flag = torch.tensor([1.0 if (signalled or (run_dir / STOP_FILE).exists()) else 0.0], device=devices.device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
 
