@@ -195,12 +195,14 @@ def test_training_on_multi_turn_rows_under_the_qwen3_template(tmp_path):
     pq.write_table(pa.table({"messages": rows}), tmp_path / "chat.parquet")
     overrides = [f"model.path={model}", f"data.train_files={tmp_path / 'chat.parquet'}", "data.val_files=[]",
                  "data.multiturn.enable=true", "data.skip_bad_rows=false", "megatron.expert_model_parallel_size=1",
-                 "data.global_batch_size=1", "data.micro_batch_size=1", "data.max_length=512", "data.shuffle=false"]
+                 "data.global_batch_size=1", "data.micro_batch_size=1", "data.max_length=512", "data.shuffle=false",
+                 # a row per sample: rows packed on into the next epoch would learn more than one epoch's tokens
+                 "data.pack_sequences=false"]
     code, out, err = run_launcher("data", "check", str(write_recipe(tmp_path / "check", *overrides)), "--json")
     assert code == 0, err
     report = json.loads(out)
-    assert report["usable_rows"] == 16 and report["turns"] == 64 and report["packed_rows"] > 1
-    # one epoch: a step per packed row
+    assert report["usable_rows"] == 16 and report["turns"] == 64 and report["packed_rows"] == 16
+    # one epoch: a step per row
     _, log, metrics = train(tmp_path / "run", *overrides, f"trainer.total_training_steps={report['packed_rows']}",
                             nproc=1)
     assert len(losses(metrics)) == report["packed_rows"] and "bad_rows_skipped" not in log
