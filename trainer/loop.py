@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -436,11 +437,7 @@ def steps_of(train_data, positions: dict, rows_per_step: int, micro_batch_size: 
 
 def data_counts(per_rank) -> dict:
     """Bad rows skipped and samples truncated, summed over data-parallel ranks (each reads its own)."""
-    total: dict = {}
-    for counts in per_rank:
-        for key, value in counts.items():
-            total[key] = total.get(key, 0) + value
-    return total
+    return dict(sum((Counter(counts) for counts in per_rank), Counter()))
 
 
 def gathered(value, group):
@@ -459,7 +456,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
     from launcher.alerts import step_alerts
     from launcher.errors import UserError
     from launcher.resume import refusal
-    from trainer.data.batches import prefetch
+    from trainer.data.batches import earliest_epoch, prefetch
 
     run = build(recipe, run_dir)
     ckpt_root = Path(recipe.trainer.default_local_dir)
@@ -480,7 +477,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         else:  # written before slots packed across epochs: the epoch from its start
             positions = {slot: (state["epoch"], 0) for slot in range(gbs)}
         if rank0:
-            print(f"resumed from {resume} at step {step} (epoch {min(e for e, _ in positions.values())})", flush=True)
+            print(f"resumed from {resume} at step {step} (epoch {earliest_epoch(positions)})", flush=True)
     elif recipe.megatron.dist_checkpointing_path:
         checkpoint.load_weights(Path(recipe.megatron.dist_checkpointing_path), run.model)
         if rank0:
@@ -520,7 +517,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         offload_grads(run, True)
         everyone = gathered(({s: positions[s] for s in my_slots}, dict(train_data.counts)), data_ranks)
         slots = {slot: at for held, _ in everyone for slot, at in held.items()}
-        state = {"step": step, "epoch": min(e for e, _ in slots.values()), "next_samples": [slots[s] for s in range(gbs)],
+        state = {"step": step, "epoch": earliest_epoch(slots), "next_samples": [slots[s] for s in range(gbs)],
                  "counts": data_counts(counts for _, counts in everyone),
                  "recipe": recipe.to_dict()}  # what this run is (launcher.resume)
         if recipe.model.lora.enabled:  # the adapters' base, for `launcher convert`
@@ -586,7 +583,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
                 run.scheduler.step(increment=1)
                 pending = InFlight({"totals": totals, "aux": moe_aux_loss(),
                                     "mtp": mtp_loss() if recipe.model.enable_mtp else None, "routed": counter.take()},
-                                   step=step + 1, epoch=min(e for e, _ in held.values()), start=start,
+                                   step=step + 1, epoch=earliest_epoch(held), start=start,
                                    data_time=data_time,
                                    ok=ok, grad_norm=grad_norm, lr=run.optimizer.param_groups[0]["lr"],
                                    micro_batches=len(batches))

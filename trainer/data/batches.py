@@ -54,15 +54,23 @@ class SFTData:
 
     def samples(self, epoch: int) -> Iterator[tuple[list[int], list[int]]]:
         rows = shuffled_rows(self.groups, self.columns, self.seed, epoch, self.data.shuffle)
-        for where, tokenised in tokenised_rows(rows, self.tokenizer, self.data):
+        for _, sample in self._usable(tokenised_rows(rows, self.tokenizer, self.data)):
+            yield sample
+
+    def _usable(self, tokenised):
+        """(k, (ids, mask)) for the k-th of the tokenised rows, fitted to max_length, when it is
+        usable; a bad row is raised, or skipped and counted with data.skip_bad_rows."""
+        for k, (where, result) in enumerate(tokenised):
             try:
-                if isinstance(tokenised, BadRow):
-                    raise tokenised
-                yield self.fit(*tokenised, where)
+                if isinstance(result, BadRow):
+                    raise result
+                sample = self.fit(*result, where)
             except BadRow:
                 if not self.data.skip_bad_rows:
                     raise
                 self.counts["bad_rows_skipped"] += 1
+                continue
+            yield k, sample
 
     def fit(self, ids: list[int], mask: list[int], where: str) -> tuple[list[int], list[int]]:
         limit = self.data.max_length
@@ -155,7 +163,7 @@ class SFTData:
         """(epoch, place in the shuffled order, (ids, mask)) of the samples at places that fall
         to the slots of `positions` (place mod `every`), from each slot's position on, tokenised
         in order, epoch after epoch. Samples before a slot's position are never tokenised."""
-        epoch = min(e for e, _ in positions.values())
+        epoch = earliest_epoch(positions)
         end = None if epochs is None else epoch + epochs
         while end is None or epoch < end:
             places: list[int] = []
@@ -169,16 +177,7 @@ class SFTData:
 
             rows = shuffled_rows(self.groups, self.columns, self.seed, epoch, self.data.shuffle)
             filled = set()
-            for k, (where, tokenised) in enumerate(tokenised_rows(chosen(rows), self.tokenizer, self.data)):
-                try:
-                    if isinstance(tokenised, BadRow):
-                        raise tokenised
-                    sample = self.fit(*tokenised, where)
-                except BadRow:
-                    if not self.data.skip_bad_rows:
-                        raise
-                    self.counts["bad_rows_skipped"] += 1
-                    continue
+            for k, sample in self._usable(tokenised_rows(chosen(rows), self.tokenizer, self.data)):
                 filled.add(places[k] % every)
                 yield epoch, places[k], sample
             # slots that read this whole epoch and found nothing would wait forever
@@ -189,6 +188,11 @@ class SFTData:
                         "packs its own share of the samples); lower data.global_batch_size or add rows")
                 raise DataError(f"{', '.join(self.files)}: {what}")
             epoch += 1
+
+
+def earliest_epoch(positions: dict) -> int:
+    """The epoch of the slot that is furthest behind, of slots' (epoch, place) positions."""
+    return min(epoch for epoch, _ in positions.values())
 
 
 def tokenised_rows(rows, tokenizer, data):
