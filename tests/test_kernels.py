@@ -77,6 +77,61 @@ def test_gradient_norm_and_clipping_equal_megatron_cores_fallback():
         torch.testing.assert_close(c, expected)
 
 
+OPTIMIZER_STEPS = """
+import sys, tempfile, torch
+torch.distributed.init_process_group("gloo", rank=0, world_size=1, init_method="file://" + tempfile.mktemp())
+from trainer import devices, optimizer_step
+devices.install_cpu_shim()
+from megatron.core import parallel_state
+parallel_state.initialize_model_parallel()
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer.optimizer import ChainedOptimizer, FP32Optimizer
+
+def chained(clip, fused):
+    # two parts with their own groups, as megatron-core chains dense and expert parameters
+    torch.manual_seed(0)
+    parts, params = [], []
+    for sizes in ((5, 300), (64,)):
+        group = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+        # eps of the size of the gradients: a wrong gradient scale changes the update (Adam ignores a constant one)
+        adam = torch.optim.AdamW(group, lr=0.1, eps=1.0, weight_decay=0.1, fused=fused, foreach=False if fused else None)
+        parts.append(FP32Optimizer(adam, OptimizerConfig(lr=0.1, clip_grad=clip), None))
+        params += group
+    return ChainedOptimizer(parts), params
+
+for clip in (0.5, 1000.0):  # clipping every step, and never
+    for fused in (True, False):  # fused AdamW takes the clip factor as its grad_scale; others get it foreach
+        theirs, ours = chained(clip, fused), chained(clip, fused)
+        for step in range(3):
+            torch.manual_seed(step)
+            grads = [torch.randn(p.shape) * (step + 1) for p in theirs[1]]
+            for _, params in (theirs, ours):
+                for p, g in zip(params, grads):
+                    p.main_grad = g.clone()
+            ok, norm, _ = theirs[0].step()
+            ok_ours, norm_ours = optimizer_step.step(ours[0])
+            assert ok and ok_ours and torch.is_tensor(norm_ours), (ok, ok_ours, norm_ours)
+            assert abs(norm_ours.item() - norm) <= 1e-5 * norm, (clip, fused, step, norm_ours.item(), norm)
+            for a, b in zip(theirs[1], ours[1]):
+                torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
+print("steps equal")
+"""
+
+
+def test_optimizer_step_on_the_device_equals_megatron_cores_step():
+    """trainer.optimizer_step (the norm and the clip factor never read on the host) gives
+    megatron-core's ChainedOptimizer step: the same gradient norm and the same weights after
+    three steps, clipping or not, through fused AdamW's grad_scale and through foreach scaling."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", OPTIMIZER_STEPS], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and "steps equal" in done.stdout, done.stderr[-3000:]
+
+
 def test_flex_attention_document_mask_keeps_each_token_inside_its_sample():
     """FlexAttention's same-sample block mask (the GPU path for short packed samples) gives SDPA
     under the dense packed mask, forward, with grouped-query heads and samples that straddle its

@@ -16,13 +16,14 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint, devices
+from trainer import checkpoint, devices, optimizer_step
 from trainer.model import fused
 from trainer.metrics import InFlight, MetricsLog, flops_per_token, peak_tflops
 from trainer.profile import StepProfile
@@ -89,6 +90,7 @@ def setup(recipe) -> None:
     timeout = timedelta(seconds=recipe.trainer.collective_timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(devices.backend(), timeout=timeout)
+    host_group()  # created by every rank at the same point, before the parallel state's groups
     meg = recipe.megatron
     ps.initialize_model_parallel(
         distributed_timeout_minutes=timeout.total_seconds() / 60,
@@ -263,14 +265,17 @@ def run_batches(run: Run, micro_batches: list[dict], forward_only: bool, tokens:
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iterators, model=run.model,
         num_microbatches=len(micro_batches), seq_length=length, micro_batch_size=rows, forward_only=forward_only)
-    totals = torch.zeros(3, dtype=torch.float64, device=devices.device())
+    from trainer.data.batches import to_device
+
     # Each CP rank holds a different part of the sequence: all of them count (TP ranks repeat it).
     counts_here = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    # one rank of each data-parallel replica counts the tokens; through pinned memory, as a
+    # Python number written into a GPU tensor makes the host wait for the GPU's queue
+    totals = to_device(np.array([0.0, 0.0, tokens if counts_here and ps.get_context_parallel_rank() == 0 else 0.0]),
+                       devices.device())
     if counts_here:
         for out in outputs:
             totals[:2] += out["lm loss"].to(totals)
-        if ps.get_context_parallel_rank() == 0:  # one rank of each data-parallel replica
-            totals[2] = tokens
     dist.all_reduce(totals)
     return totals
 
@@ -358,9 +363,18 @@ def rank_share(rows: list, micro_batch_size: int, dp: int, rank: int) -> list[li
 
 
 def should_stop(run_dir: Path, signalled: bool) -> bool:
-    flag = torch.tensor([1.0 if (signalled or (run_dir / STOP_FILE).exists()) else 0.0], device=devices.device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    """Whether any rank was asked to stop. Agreed among the hosts (gloo): over NCCL the flag
+    would queue behind the step's kernels, and reading it would make the host wait for them."""
+    flag = torch.tensor([1.0 if (signalled or (run_dir / STOP_FILE).exists()) else 0.0])
+    if dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())
     return bool(flag.item())
+
+
+@cache
+def host_group():
+    """All ranks, over gloo: agreements among the hosts that the GPUs' queues must not hold up."""
+    return dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
 
 
 def validate(run: Run, val_rows: list) -> float | None:
@@ -563,9 +577,11 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
             print(f"alert: {alert}", flush=True)
         log.log(record, console=n["step"] % recipe.trainer.log_every == 0 or n["step"] == total)
 
-    # The host never waits on a step's results before the next step is under way: the next rows
-    # are fetched while the GPU runs the optimizer, and a step is logged during the next one's
-    # backward (InFlight). A stop request seen during a step ends the run after that step.
+    # The host never waits on the GPU within a step (no value is read back: the gradient norm and
+    # clipping stay on the device, trainer.optimizer_step; the stop flag is agreed over gloo), so
+    # it runs ahead of the GPU's queue: the next rows are fetched during this step's backward, and
+    # a step is logged during the next one's (InFlight). A stop request seen during a step ends
+    # the run after that step.
     upcoming, pending = fetch(), None
     with collectives_named(lambda: step + 1, recipe.trainer.collective_timeout_s):
         try:
@@ -575,23 +591,25 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
                 (held, tokens, _, counts), batches, data_time = upcoming
                 zero_grads(run)
                 totals = run_batches(run, batches, forward_only=False, tokens=tokens)
+                # the next rows, collated now, while the GPU works through a deep queue of this
+                # step's backward; after the optimizer's launches, the queue ran dry meanwhile
+                upcoming = fetch() if step + 1 < total else None
                 if pending is not None:  # the last step's numbers, on the host by now; the GPU is busy
                     write(pending, start)
                     pending = None
                 stop = should_stop(run_dir, bool(signalled))
-                ok, grad_norm, _ = run.optimizer.step()
+                ok, grad_norm = optimizer_step.step(run.optimizer)
                 run.scheduler.step(increment=1)
                 pending = InFlight({"totals": totals, "aux": moe_aux_loss(),
-                                    "mtp": mtp_loss() if recipe.model.enable_mtp else None, "routed": counter.take()},
+                                    "mtp": mtp_loss() if recipe.model.enable_mtp else None, "routed": counter.take(),
+                                    "grad_norm": grad_norm},
                                    step=step + 1, epoch=earliest_epoch(held), start=start,
-                                   data_time=data_time,
-                                   ok=ok, grad_norm=grad_norm, lr=run.optimizer.param_groups[0]["lr"],
+                                   data_time=data_time, ok=ok, lr=run.optimizer.param_groups[0]["lr"],
                                    micro_batches=len(batches))
                 # the step is done once its last collective is (a timeout names the step in progress)
                 step, positions = step + 1, {**positions, **held}
                 train_data.counts.clear()  # the worker's: bad rows skipped, samples truncated
                 train_data.counts.update(counts)
-                upcoming = fetch() if step < total and not stop else None
                 validating = recipe.trainer.test_freq > 0 and step % recipe.trainer.test_freq == 0 and step < total
                 saving = recipe.trainer.save_freq > 0 and step % recipe.trainer.save_freq == 0 and step < total
                 if stop or validating or saving or step == total:

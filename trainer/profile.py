@@ -2,7 +2,8 @@
 kernel group (matmul, attention, elementwise, communication, optimizer, copy), with the host's
 busiest operators, what made it wait on the GPU, and where the GPU sat idle waiting for the host
 (the gaps between kernels, by the code that launched the kernel after each). Turned on with MOE_TORCH_PROFILE=FILE.json
-(the benchmark does; MOE_TORCH_PROFILE_STACKS=1 adds the Python stack of each wait); rank 0
+(the benchmark does; MOE_TORCH_PROFILE_STACKS=1 adds the Python stack of each wait, and
+torch's sync debug warnings counted by stack); rank 0
 writes the summary."""
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class StepProfile:
     def __init__(self, rank0: bool, first: int, count: int = 2):
         self.path = os.environ.get("MOE_TORCH_PROFILE")
         self.first, self.count = first, count
-        self.profiler = None
+        self.profiler = self.syncs = None
         self.rank0 = rank0
 
     def before_step(self, step: int) -> None:
@@ -51,6 +52,8 @@ class StepProfile:
             self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=stacks,
                                     experimental_config=torch._C._profiler._ExperimentalConfig(verbose=stacks))
             self.profiler.__enter__()
+            if stacks:
+                self.syncs = SyncLog()
 
     def after_step(self, step: int) -> None:
         if self.profiler is None or step != self.first + self.count:
@@ -59,9 +62,49 @@ class StepProfile:
 
         torch.cuda.synchronize()
         self.profiler.__exit__(None, None, None)
+        summary = summarise(self.profiler, self.count)
+        if self.syncs is not None:
+            summary["sync_warnings"] = self.syncs.close(self.count)
         if self.rank0:
-            Path(self.path).write_text(json.dumps(summarise(self.profiler, self.count), indent=1))
-        self.profiler = None
+            Path(self.path).write_text(json.dumps(summary, indent=1))
+        self.profiler = self.syncs = None
+
+
+class SyncLog:
+    """Where the host waited on the GPU, by Python stack: torch's sync debug mode warns at every
+    operation that synchronises (a device value read on the host, a copy from pageable memory),
+    and each warning's stack is counted here, torch's own frames included."""
+
+    def __init__(self):
+        import warnings
+
+        import torch
+
+        self.counts: dict[str, int] = {}
+        self.shown, self.filters = warnings.showwarning, warnings.filters[:]
+        warnings.showwarning = self.record
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def record(self, message, category, filename, lineno, file=None, line=None):
+        import traceback
+
+        if "synchroniz" not in str(message).lower():
+            return self.shown(message, category, filename, lineno, file, line)
+        frames = [f"{Path(f.filename).name}({f.lineno}): {f.name}" for f in traceback.extract_stack()[:-1]
+                  if "warnings.py" not in f.filename and "profile.py" not in f.filename][-7:]
+        where = " <- ".join(reversed(frames))
+        self.counts[where] = self.counts.get(where, 0) + 1
+
+    def close(self, steps: int) -> list[dict]:
+        import warnings
+
+        import torch
+
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning, warnings.filters[:] = self.shown, self.filters
+        return [{"at": where, "per_step": count / steps}
+                for where, count in sorted(self.counts.items(), key=lambda kv: -kv[1])[:30]]
 
 
 def summarise(profiler, steps: int) -> dict:
@@ -143,7 +186,7 @@ def gpu_idle(profiler, steps: int, shortest_ms: float = 0.1) -> dict:
     syncs: dict[str, list] = {}  # the host waiting for the GPU: after each, its queue starts empty
     for event in events:
         if getattr(event, "device_type", None) == DeviceType.CPU and "Synchronize" in event.name:
-            entry = syncs.setdefault(_called_from(event), [0.0, 0])
+            entry = syncs.setdefault(_called_from(event, torch_frames=True), [0.0, 0])
             entry[0] += (event.time_range.end - event.time_range.start) / 1e3
             entry[1] += 1
     listed = lambda found, key: [{key: where[:400], "ms_per_step": round(ms / steps, 3), "per_step": count / steps}  # noqa: E731
@@ -156,10 +199,12 @@ def gpu_idle(profiler, steps: int, shortest_ms: float = 0.1) -> dict:
     }
 
 
-def _called_from(event) -> str:
-    """A runtime call's enclosing operators up to the first with a Python stack, and that stack."""
+def _called_from(event, torch_frames: bool = False) -> str:
+    """A runtime call's enclosing operators up to the first with a Python stack, and that stack
+    (without torch's own frames unless `torch_frames`)."""
     op, names = event, []
     while op is not None and not op.stack and len(names) < 4:
         op, names = op.cpu_parent, names + [op.name]
-    frames = [f for f in (op.stack if op is not None else []) if "torch/" not in f and "<built-in" not in f]
-    return " <- ".join(names + ([op.name] if op is not None else []) + frames[:3]) or "?"
+    frames = [f for f in (op.stack if op is not None else [])
+              if (torch_frames or "torch/" not in f) and "<built-in" not in f]
+    return " <- ".join(names + ([op.name] if op is not None else []) + frames[:5 if torch_frames else 3]) or "?"

@@ -24,6 +24,8 @@ there (the CPU runs the plain code the tests check against):
   profile's host waits) and scales gradients one by one. On the CPU too;
 - output_loss: the output layer and the cross-entropy in chunks of tokens, never holding the
   logits (trainer.model.output_loss). On the CPU too.
+- clip: the optimizer step without the host reading the gradient norm (trainer.optimizer_step):
+  the clip factor stays on the GPU and reaches the fused AdamW kernel. On the CPU too.
 
 With transformer-engine (trainer.model.build) its own layers, attention, optimizer and gradient
 norm replace most of the above (the experts and token permutation stay the trainer's), and
@@ -45,8 +47,8 @@ import types
 import torch
 
 KERNELS = ("attention", "flex_attention", "norm", "grad_accum", "adam", "permute", "grad_norm",
-           "output_loss", "rope", "swiglu", "cross_entropy", "router")
-ON_CPU_TOO = ("permute", "grad_norm", "output_loss")
+           "output_loss", "clip", "rope", "swiglu", "cross_entropy", "router")
+ON_CPU_TOO = ("permute", "grad_norm", "output_loss", "clip")
 
 
 def enabled(name: str) -> bool:
