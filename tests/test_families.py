@@ -64,3 +64,61 @@ def test_deepseek_multi_token_prediction_trains(tmp_path):
     mtp = [m["mtp_loss"] for m in steps]
     assert all(x is not None and math.isfinite(x) and x > 0 for x in mtp)
     assert mtp[-1] < mtp[0] and steps[-1]["loss"] < steps[0]["loss"]
+
+
+MTP_SHIFT_UNDER_CP = """
+import os, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer import multi_token_prediction as mtp
+from trainer.model import thd
+
+cp, rank = dist.get_world_size(), dist.get_rank()
+real_lengths, padded_lengths = [5, 9, 6, 7], [8, 12, 8, 8]  # samples padded to multiples of 2 x CP
+cu = lambda lengths: torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu(real_lengths), cu_seqlens_kv=cu(real_lengths),
+                         cu_seqlens_q_padded=cu(padded_lengths), cu_seqlens_kv_padded=cu(padded_lengths))
+whole = torch.arange(1.0, sum(padded_lengths) + 1)[None]
+
+def this_ranks_part(t):  # transformer-engine's split: chunks r and 2CP-1-r of every sample's span
+    parts, start = [], 0
+    for length in padded_lengths:
+        chunk = length // (2 * cp)
+        parts += [t[..., start + rank * chunk: start + (rank + 1) * chunk],
+                  t[..., start + (2 * cp - 1 - rank) * chunk: start + (2 * cp - rank) * chunk]]
+        start += length
+    return torch.cat(parts, dim=-1)
+
+shifted, start = whole.clone(), 0  # each sample's span one place left, its last place zero
+for length in padded_lengths:
+    shifted[..., start:start + length - 1] = whole[..., start + 1:start + length]
+    shifted[..., start + length - 1] = 0
+    start += length
+expected = this_ranks_part(shifted)
+group = dist.new_group(list(range(cp)))
+megatron_cores, _ = mtp.roll_tensor(this_ranks_part(whole), -1, -1, group, params)
+thd.install()
+ours, _ = mtp.roll_tensor(this_ranks_part(whole), -1, -1, group, params)
+assert torch.equal(ours, expected), (rank, ours, expected)
+assert not torch.equal(megatron_cores, expected)  # its boundaries unpadded: the shift misplaced
+print("shift equal", rank)
+"""
+
+
+def test_multi_token_prediction_shifts_each_sample_under_context_parallel_packed_sequences(tmp_path):
+    """Under transformer-engine's packed sequences with CP=2, the multi-token-prediction shift
+    (of labels, loss mask, tokens) on each rank's chunks equals shifting the whole sequence
+    within each sample and splitting it after; megatron-core's own shift, which takes the
+    samples' unpadded boundaries, misplaces it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = tmp_path / "shift.py"
+    script.write_text(MTP_SHIFT_UNDER_CP)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0 and done.stdout.count("shift equal") == 2, (done.stdout + done.stderr)[-3000:]

@@ -7,6 +7,16 @@ DeepSeek-V3's sequence-level balance loss (megatron-core's seq_aux_loss) counts 
 and the loss and its gradients would differ from the TE-free path's (by 16% in the gradient
 norm of the tiny DeepSeek model, one sample per row: bench/te_check.py). Each THD micro-batch
 records its rows on the model config; the router's sequence loss regroups its tokens by row.
+
+Multi-token prediction shifts its labels, loss mask, tokens and positions one place left within
+each sample (megatron-core's roll_tensor). Under context parallelism each rank holds two chunks
+of every sample's span - the sample padded to a multiple of 2 x CP - and megatron-core finds a
+sample's local part by dividing its boundaries by CP; it divides the unpadded ones
+(cu_seqlens_q), so past the first sample whose length is not such a multiple the shift lands in
+the wrong place (or fails on a sample shorter than 2 x CP): the MTP loss trains on misplaced
+labels. It is the likely cause of the tiny DeepSeek model's gradient norm coming out 7.2% low
+under CP=2 (bench/results/te_check_cp_h200x4.json; not re-run on GPUs since). Shifting within
+the padded spans (the padding's labels are masked out) gives the unsplit sequence's shift.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ def mark_rows(config, rows: int, length: int) -> None:
 
 
 def install() -> None:
+    _shift_within_padded_spans()
     from megatron.core.transformer.moe.router import TopKRouter
 
     original = TopKRouter._apply_seq_aux_loss
@@ -37,3 +48,25 @@ def install() -> None:
 
     seq_aux_loss_by_row.by_row = True
     TopKRouter._apply_seq_aux_loss = seq_aux_loss_by_row
+
+
+def _shift_within_padded_spans() -> None:
+    import dataclasses
+
+    from megatron.core.models.gpt import gpt_model
+    from megatron.core.transformer import multi_token_prediction as mtp
+
+    original = mtp.roll_tensor
+    if getattr(original, "padded_spans", False):
+        return
+
+    def roll_tensor(tensor, shifts=-1, dims=-1, cp_group=None, packed_seq_params=None, **kwargs):
+        padded = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
+        if padded is not None:
+            packed_seq_params = dataclasses.replace(packed_seq_params, cu_seqlens_q=padded)
+        return original(tensor, shifts, dims, cp_group, packed_seq_params, **kwargs)
+
+    roll_tensor.padded_spans = True
+    mtp.roll_tensor = roll_tensor
+    if getattr(gpt_model, "roll_tensor", None) is original:  # imported by name there
+        gpt_model.roll_tensor = roll_tensor
