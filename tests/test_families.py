@@ -33,6 +33,8 @@ SHRINK = {
 
 @pytest.mark.parametrize("family", sorted(SHRINK))
 def test_family_builds_and_trains(tmp_path, family):
+    """Each family's tiny model trains under EP=2 and its loss falls; DeepSeek-V3 with its
+    multi-token-prediction layer on (its release has one), whose loss falls too."""
     model = tmp_path / "model"
     model.mkdir()
     config = json.loads((RECIPES / "models" / family / "config.json").read_text())
@@ -41,29 +43,17 @@ def test_family_builds_and_trains(tmp_path, family):
     (model / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(RECIPES / "models" / "tiny_moe" / name, model / name)
+    mtp = family == "deepseek_v3"
     _, _, metrics = train(tmp_path / "run", f"model.path={model}", "trainer.total_training_steps=6",
-                          "data.val_files=[]", "trainer.save_freq=-1", "megatron.expert_model_parallel_size=2")
+                          "data.val_files=[]", "trainer.save_freq=-1", "megatron.expert_model_parallel_size=2",
+                          f"model.enable_mtp={str(mtp).lower()}")
     found = losses(metrics)
     assert len(found) == 6 and all(math.isfinite(x) for x in found)
     assert found[-1] < found[0]
-
-
-def test_deepseek_multi_token_prediction_trains(tmp_path):
-    model = tmp_path / "model"
-    model.mkdir()
-    config = json.loads((RECIPES / "models" / "deepseek_v3" / "config.json").read_text())
-    config.update(SHRINK["deepseek_v3"])
-    config = {k: v for k, v in config.items() if v is not None}
-    (model / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(RECIPES / "models" / "tiny_moe" / name, model / name)
-    _, _, metrics = train(tmp_path / "run", f"model.path={model}", "model.enable_mtp=true",
-                          "trainer.total_training_steps=6", "data.val_files=[]", "trainer.save_freq=-1",
-                          "megatron.expert_model_parallel_size=2")
-    steps = [m for m in metrics if "loss" in m]
-    mtp = [m["mtp_loss"] for m in steps]
-    assert all(x is not None and math.isfinite(x) and x > 0 for x in mtp)
-    assert mtp[-1] < mtp[0] and steps[-1]["loss"] < steps[0]["loss"]
+    if mtp:
+        steps = [m["mtp_loss"] for m in metrics if "loss" in m]
+        assert all(x is not None and math.isfinite(x) and x > 0 for x in steps)
+        assert steps[-1] < steps[0]
 
 
 MTP_SHIFT_UNDER_CP = """

@@ -61,7 +61,7 @@ def test_lora_trains_only_adapters_from_the_base_and_is_the_same_under_every_lay
     found, logs = {}, {}
     for name, overrides in layouts.items():
         _, logs[name], found[name] = lora_run(tmp_path / name, base, *common, *overrides)
-    for name in ("ep2", "tp2", "tp2_etp2"):
+    for name in ("ep2", "tp2_etp2"):
         found[f"shared-{name}"] = lora_run(tmp_path / f"shared-{name}", base, *common, *layouts[name],
                                            "model.lora.expert_adapters=shared")[2]
 
@@ -77,7 +77,6 @@ def test_lora_trains_only_adapters_from_the_base_and_is_the_same_under_every_lay
 
     for name in ("ep2", "tp2", "tp2_etp2", "pp2"):
         same(found[name], found["ep1"])
-    same(found["shared-tp2"], found["shared-ep2"])
     same(found["shared-tp2_etp2"], found["shared-ep2"])
     assert losses(found["shared-ep2"])[1] != losses(found["ep1"])[1]  # a shared pair is another model
 
@@ -107,7 +106,9 @@ def test_lora_trains_only_adapters_from_the_base_and_is_the_same_under_every_lay
     assert sum(tensors[k].numel() for k in weights) == planned
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Mixtral's layers are the generic case of the others (routed experts only, no shared expert, no
+# MLA) and its conversion has its own round-trip test: left out to keep CI's time.
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "mixtral_8x7b"])
 def test_merged_export_gives_the_adapted_model_to_transformers(tmp_path, family):
     """Convert in, train adapters on every linear layer and the router, export with the adapters
     merged: transformers' logits of the merged model equal the trainer's adapted model's. The

@@ -284,6 +284,7 @@ def test_a_hung_rank_fails_the_job_within_the_collective_timeout(tmp_path):
     and the waiting rank, instead of hanging until the time limit."""
     import json
     import os
+    import select
     import signal
     import subprocess
     import sys
@@ -307,8 +308,14 @@ def test_a_hung_rank_fails_the_job_within_the_collective_timeout(tmp_path):
         assert len(rank1) == 1
         os.kill(rank1[0], signal.SIGSTOP)
         stopped = time.time()
-        out, _ = proc.communicate(timeout=120)
+        seen = b""  # read unbuffered: the line may be the last for a while
+        while time.time() - stopped < 120 and b"\nerror: " not in b"\n" + seen:
+            if select.select([proc.stdout], [], [], 1)[0]:
+                seen += os.read(proc.stdout.fileno(), 1 << 16)
         waited = time.time() - stopped
+        # torchrun would give the stopped rank 30 s to answer SIGTERM before it kills it
+        os.kill(rank1[0], signal.SIGKILL)
+        out = seen.decode(errors="replace") + proc.communicate(timeout=120)[0]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

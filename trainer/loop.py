@@ -256,6 +256,8 @@ def run_batches(run: Run, micro_batches: list[dict], forward_only: bool, tokens:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from trainer.data.batches import to_device
+
     length, rows = run.recipe.data.max_length, run.recipe.data.micro_batch_size
     if "packed_seq_params" in micro_batches[0]:  # rows laid end to end: one sequence (pipeline shapes)
         length, rows = length * rows, 1
@@ -265,8 +267,6 @@ def run_batches(run: Run, micro_batches: list[dict], forward_only: bool, tokens:
     outputs = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iterators, model=run.model,
         num_microbatches=len(micro_batches), seq_length=length, micro_batch_size=rows, forward_only=forward_only)
-    from trainer.data.batches import to_device
-
     # Each CP rank holds a different part of the sequence: all of them count (TP ranks repeat it).
     counts_here = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
     # one rank of each data-parallel replica counts the tokens; through pinned memory, as a

@@ -81,8 +81,8 @@ class MetricsLog:
 
 
 class InFlight:
-    """A step's numbers that live on the GPU (loss sums, routed tokens, the MoE and MTP losses),
-    copied to the host without waiting: one tensor into pinned memory, and an event. The loop
+    """A step's numbers that live on the GPU (loss sums, routed tokens, the MoE and MTP losses, the
+    gradient norm), copied to the host without waiting: one tensor into pinned memory, and an event. The loop
     reads them a step later, while the GPU runs the next step. Reading them at once made the
     host wait for the step's last kernel, and the GPU then idled while the host logged, fetched
     and collated the next rows and launched their first kernels (bench/README.md)."""
@@ -90,7 +90,7 @@ class InFlight:
     def __init__(self, parts: dict, **known):
         import torch
 
-        self.known = known  # what the host already holds: step, timings, grad norm...
+        self.known = known  # what the host already holds: step, timings, learning rate...
         self.absent = [name for name, value in parts.items() if value is None]
         present = {name: value for name, value in parts.items() if value is not None}
         self.shapes = {name: tuple(value.shape) for name, value in present.items()}
