@@ -51,7 +51,7 @@ def grad_norm(parts) -> torch.Tensor:
         grads = part.get_main_grads_for_grad_norm()
         square = torch.zeros((), dtype=torch.float32, device=devices.device())
         if grads:
-            square = torch.stack(torch._foreach_norm([g.float() for g in grads])).square().sum()
+            square = fused.foreach_norm(grads).square()
         dist.all_reduce(square, group=part.get_grad_stats_parallel_group())
         squares.append(square)
     return torch.stack(squares).sum().sqrt()

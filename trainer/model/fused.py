@@ -96,8 +96,13 @@ def fuse_adam(optimizer) -> None:
 def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """The L2 norm of all tensors of tensor_lists[0], as a 1-element fp32 tensor on their
     device (megatron-core's multi_tensor_l2norm contract), without reading it on the host."""
-    norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensor_lists[0]])
-    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+    return foreach_norm(tensor_lists[0]).reshape(1), None
+
+
+def foreach_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all `tensors` together, in fp32, as a 0-dim tensor on their device."""
+    norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensors])
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def scale(chunk_size, noop_flag, tensor_lists, factor):
