@@ -62,10 +62,11 @@ class StepProfile:
 
         torch.cuda.synchronize()
         self.profiler.__exit__(None, None, None)
-        summary = summarise(self.profiler, self.count)
-        if self.syncs is not None:
-            summary["sync_warnings"] = self.syncs.close(self.count)
+        sync_warnings = self.syncs.close(self.count) if self.syncs is not None else None
         if self.rank0:
+            summary = summarise(self.profiler, self.count)
+            if sync_warnings is not None:
+                summary["sync_warnings"] = sync_warnings
             Path(self.path).write_text(json.dumps(summary, indent=1))
         self.profiler = self.syncs = None
 
