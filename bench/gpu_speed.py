@@ -167,6 +167,20 @@ def check_kernels() -> dict:
         out.backward(grad)
         results.append((permuted.detach(), permuted_probs, out.detach(), x.grad))
     errors["permute"] = max(relative_error(a, r) for a, r in zip(*results))
+    # grouped product with tokens per expert on the host (EP): no host wait, same as expert by expert
+    from trainer.model import experts as grouped
+
+    sizes = torch.distributions.Multinomial(4096, torch.ones(16)).sample().long()  # on the host
+    a = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(16, 1024, 512, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = grouped.gmm(a, b, sizes)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = torch.cat([part.double() @ w.double() for part, w in zip(a.split(sizes.tolist()), b)])
+    errors["grouped_mm_host_sizes"] = relative_error(out, ref)
     # the output layer and loss in chunks (compiled) vs the whole fp32 logits; Qwen3's vocabulary
     from trainer.model import output_loss
 

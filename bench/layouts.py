@@ -5,9 +5,11 @@ On a GPU machine (several GPUs of one host):
     python3 bench/layouts.py run NAME --gpus 2 --layouts ep2,pp2,tp2,tp2-etp2,cp2 --calibrate 2,4,8
 
 runs `qwen3_moe_8l` on one GPU at the --calibrate micro-batch sizes and on --gpus GPUs in each
-layout (tp/etp/ep/pp/cp/vpp and a size, joined by '-'; ETP defaults to 1), 8 rows of 4096 tokens
-per GPU a step, one long sample per row (the attention work the estimate assumes), and writes
-the measurements to $OUT/NAME.json. Then, on any machine:
+layout (tp/etp/ep/pp/cp/vpp and a size, joined by '-'; ETP defaults to 1; `@N` after a layout
+runs it on N GPUs instead), 8 rows of 4096 tokens per GPU a step, one long sample per row (the
+attention work the estimate assumes), and writes the measurements to $OUT/NAME.json. A second
+`run` of the same NAME on the same machine adds its rows to the first's (kept in /tmp), so one
+machine's rows can span several calls. Then, on any machine:
 
     python3 bench/layouts.py compare bench/results/NAME.json
 
@@ -55,23 +57,31 @@ def run(args) -> None:
 
     out = Path(os.environ.get("OUT", REPO / "bench" / "out"))
     out.mkdir(parents=True, exist_ok=True)
+    kept = Path("/tmp/bench-layouts") / f"{args.name}.json"  # this machine's rows of earlier calls
+    kept.parent.mkdir(exist_ok=True)
     gpu_speed.STEPS = args.steps
     data = str(gpu_speed.long_samples(Path("/tmp/bench-long.parquet")))
-    result = {"device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}, one host",
-              "versions": gpu_speed.versions(), "model": "bench/models/qwen3_moe_8l", "sequence": 4096,
-              "rows_per_gpu": ROWS_PER_GPU, "data": "one long sample per row (data.truncation=right)", "rows": []}
+    result = json.loads(kept.read_text()) if kept.exists() else {
+        "device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}, one host",
+        "versions": gpu_speed.versions(), "model": "bench/models/qwen3_moe_8l", "sequence": 4096,
+        "rows_per_gpu": ROWS_PER_GPU, "data": "one long sample per row (data.truncation=right)", "rows": []}
     plan = [(1, mb, "single") for mb in map(int, args.calibrate.split(",") if args.calibrate else [])]
-    plan += [(args.gpus, args.mb, spec) for spec in args.layouts.split(",") if spec]
+    for entry in filter(None, args.layouts.split(",")):
+        spec, _, gpus = entry.partition("@")
+        plan.append((int(gpus or args.gpus), args.mb, spec))
     for gpus, mb, spec in plan:
         layout = layout_overrides("ep1" if spec == "single" else spec)
         # run_ours puts its own batch and EP first; ours come after and win
         overrides = recipe_overrides(gpus, mb, layout, data)
-        row = gpu_speed.run_ours(f"{spec}-g{gpus}", MODEL, mb, overrides[1:], gpus=gpus)
+        profile = out / f"{args.name}.{spec}-g{gpus}.profile.json" if f"{spec}@{gpus}" == args.profile else None
+        row = gpu_speed.run_ours(f"{spec}-g{gpus}", MODEL, mb, overrides[1:], gpus=gpus, profile=profile)
         row.update(layout=spec, recipe_overrides=overrides)
-        result["rows"].append(row)
+        if profile is None:  # a profiled run is slower: its row stays out of the comparison
+            result["rows"].append(row)
         print(json.dumps({k: row.get(k) for k in ("layout", "gpus", "micro_batch_size", "tokens_per_s",
                                                  "peak_mem_gib", "error")}), flush=True)
-        (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+        kept.write_text(json.dumps(result, indent=1))
+        (out / f"{args.name}.json").write_text(kept.read_text())
 
 
 _PLANS: dict = {}
@@ -111,6 +121,22 @@ def fit(groups: list[tuple[list[dict], int, str, dict]], grid: dict) -> dict:
     return best
 
 
+def repeats_averaged(rows: list[dict]) -> list[dict]:
+    """One row per layout, GPU count and micro-batch size: repeated runs' mean tokens/s, with
+    each run's figure kept (they spread by up to ~10% on one machine: bench/README.md)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["layout"], r["gpus"], r["micro_batch_size"]), []).append(r)
+    averaged = []
+    for runs in groups.values():
+        row = dict(runs[0])
+        if len(runs) > 1:
+            row["runs_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+            row["tokens_per_s"] = round(sum(row["runs_tokens_per_s"]) / len(runs), 1)
+        averaged.append(row)
+    return averaged
+
+
 def compare(args) -> None:
     """For each results file (one machine each), the matmul utilisation and host time per layer
     fitted on its one-GPU rows; the collective and EP sync times fitted once on the multi-GPU rows
@@ -118,7 +144,7 @@ def compare(args) -> None:
     files = [(Path(f), json.loads(Path(f).read_text())) for f in args.results]
     machines = []
     for path, result in files:
-        rows = [r for r in result["rows"] if "tokens_per_s" in r]
+        rows = repeats_averaged([r for r in result["rows"] if "tokens_per_s" in r])
         gpu_type = result["device"].split(" x ", 1)[1]
         gpus = max(r["gpus"] for r in rows)
         single = fit([([r for r in rows if r["gpus"] == 1], gpus, gpu_type, {})],
@@ -127,6 +153,9 @@ def compare(args) -> None:
                          "single": single})
 
     def fit_collectives(chosen):
+        chosen = [m for m in chosen if m["gpus"] > 1]
+        if not chosen:
+            return None
         return fit([([r for r in m["rows"] if r["gpus"] > 1], m["gpus"], m["gpu_type"], m["single"]) for m in chosen],
                    {"collective_ms": [c / 10 for c in range(0, 41)], "ep_sync_ms": [e / 2 for e in range(0, 25)]})
 
@@ -149,11 +178,16 @@ def compare(args) -> None:
                                       "error": round(est["tokens_per_s_per_gpu"] / r["tokens_per_s"] - 1, 3),
                                       "bottleneck": est["bottleneck"], "estimate_parts_s": est["parts_s"]})
             multi = [c for c in entry["rows"] if c["constants"] == label and c["gpus"] > 1]
-            entry[label] = {
-                "order_measured": [c["layout"] for c in sorted(multi, key=lambda c: -c["measured_tokens_per_s_per_gpu"])],
-                "order_estimated": [c["layout"] for c in sorted(multi, key=lambda c: -c["estimated_tokens_per_s_per_gpu"])],
-                "worst_error": max(abs(c["error"]) for c in multi)}
-            entry[label]["same_order"] = entry[label]["order_measured"] == entry[label]["order_estimated"]
+            if not multi:  # a machine of one GPU: its rows fit mfu and host time only
+                continue
+            entry[label] = {"worst_error": max(abs(c["error"]) for c in multi), "gpus": {}}
+            for gpus in sorted({c["gpus"] for c in multi}):  # the search ranks layouts of one GPU count
+                same = [c for c in multi if c["gpus"] == gpus]
+                order = {key: [c["layout"] for c in sorted(same, key=lambda c: -c[f"{key}_tokens_per_s_per_gpu"])]
+                         for key in ("measured", "estimated")}
+                entry[label]["gpus"][gpus] = {"order_measured": order["measured"],
+                                              "order_estimated": order["estimated"],
+                                              "same_order": order["measured"] == order["estimated"]}
         check["machines"].append(entry)
         print(f"{entry['source']} ({entry['device']}): one GPU {m['single']}")
         for c in entry["rows"]:
@@ -162,9 +196,10 @@ def compare(args) -> None:
                   f"  ({c['error']:+.0%}, {c['bottleneck']})")
         for label in ("fitted", "predicted"):
             if label in entry:
-                e = entry[label]
-                print(f"  {label}: measured {' > '.join(e['order_measured'])}; estimated "
-                      f"{' > '.join(e['order_estimated'])}; worst {e['worst_error']:.0%}")
+                for gpus, e in entry[label]["gpus"].items():
+                    print(f"  {label} x{gpus}: measured {' > '.join(e['order_measured'])}; estimated "
+                          f"{' > '.join(e['order_estimated'])}")
+                print(f"  {label}: worst error {entry[label]['worst_error']:.0%}")
     print("collectives fitted on all:", joint)
     out = Path(args.output)
     out.write_text(json.dumps(check, indent=1))
@@ -181,6 +216,7 @@ def main() -> None:
     p.add_argument("--calibrate", default="2,4,8", help="one-GPU micro-batch sizes")
     p.add_argument("--mb", type=int, default=4, help="micro-batch size of the multi-GPU layouts")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--profile", default="", metavar="LAYOUT@N", help="also profile this layout (a run of its own)")
     p = sub.add_parser("compare")
     p.add_argument("results", nargs="+", help="results files of `run`, one per machine")
     p.add_argument("-o", "--output", default=str(REPO / "bench" / "results" / "layouts_check.json"))

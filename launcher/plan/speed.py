@@ -11,7 +11,8 @@ step, on the slowest pipeline stage of one GPU:
   trainer launches its kernels from Python);
 - communication, not overlapped with compute (the trainer runs megatron-core's DDP without
   overlap): EP all-to-all of the routed tokens (4 per MoE layer and micro-batch), TP/SP
-  all-gathers and reduce-scatters (4 per attention block and per TP-split MLP), CP's key/value
+  all-gathers and reduce-scatters (3 per attention block and per TP-split MLP: megatron-core
+  runs the column-parallel backward's two under its GEMMs), CP's key/value
   all-gather and its gradient's reduce-scatter, PP's activations between stages, and once per
   step the distributed optimizer's gradient reduce-scatter and parameter all-gather over
   data-parallel ranks; over NVLink while the group stays inside a node, else the network;
@@ -55,13 +56,13 @@ class Hardware:
 
 # Measured (bench/results/layouts_check.json, `bench/layouts.py compare`): mfu and layer
 # overhead fitted on one GPU of each kind (qwen3_moe_8l, one long sample per row, micro-batches 2
-# to 8); the collective and EP sync times on two H100s and four H200s together. Peaks, memory,
+# to 8); the collective and EP sync times on two machines of four H200s together. Peaks, memory,
 # NVLink, network and PCIe figures are the datasheets' at the fraction collectives reach.
 GPUS = {
-    "H100": Hardware("H100", 989.0, 0.34, 7.25, 1.2, 8.0, 3.35, 300.0, 40.0, 25.0, 0.5),
-    "H200": Hardware("H200", 989.0, 0.39, 3.75, 1.2, 8.0, 4.8, 300.0, 40.0, 25.0, 0.5),
-    "A100": Hardware("A100", 312.0, 0.34, 7.25, 1.2, 8.0, 2.0, 200.0, 20.0, 20.0, 0.5),  # H100's, untested
-    "B200": Hardware("B200", 2250.0, 0.34, 3.75, 1.2, 8.0, 8.0, 600.0, 40.0, 50.0, 0.5),  # likewise
+    "H100": Hardware("H100", 989.0, 0.38, 2.25, 0.8, 1.5, 3.35, 300.0, 40.0, 25.0, 0.5),
+    "H200": Hardware("H200", 989.0, 0.41, 2.5, 0.8, 1.5, 4.8, 300.0, 40.0, 25.0, 0.5),
+    "A100": Hardware("A100", 312.0, 0.38, 2.25, 0.8, 1.5, 2.0, 200.0, 20.0, 20.0, 0.5),  # H100's, untested
+    "B200": Hardware("B200", 2250.0, 0.38, 2.5, 0.8, 1.5, 8.0, 600.0, 40.0, 50.0, 0.5),  # likewise
 }
 DEFAULT_GPU = "H100"
 
@@ -152,8 +153,12 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
         compute += (n_moe + n_dense) * hw.layer_overhead_ms / 1e3 * recompute  # (recompute launches the forward again)
         n_layers = n_moe + n_dense
         hidden_bytes = tokens / cp * model.hidden * bf16
-        tp_comm = collective(hidden_bytes, tp, tp, 4 * n_layers + 4 * n_dense
-                             + (4 * n_moe if etp > 1 else 0) + (4 * n_moe if model.shared_ffn else 0))
+        # a TP-split block (attention, dense or shared MLP) exposes 3 of its 5 collectives: the
+        # forward's all-gather and reduce-scatter and the backward's gradient all-gather; the
+        # column-parallel backward's all-gather and reduce-scatter run under its GEMMs. Expert
+        # TP adds the dispatcher's all-gather and reduce-scatter, forward and backward.
+        tp_comm = collective(hidden_bytes, tp, tp, 3 * n_layers + 3 * n_dense
+                             + (4 * n_moe if etp > 1 else 0) + (3 * n_moe if model.shared_ffn else 0))
         ep_comm = collective(rank_tokens * model.topk * model.hidden * bf16, ep, etp * ep, 4 * n_moe)
         ep_comm += n_moe * hw.ep_sync_ms / 1e3 if ep > 1 else 0.0
         cp_comm = collective(tokens * kv_width * bf16, cp, tp * cp, 2 * n_layers)
