@@ -160,42 +160,6 @@ def test_flex_attention_document_mask_keeps_each_token_inside_its_sample():
     assert not torch.allclose(flex, causal_only, atol=1e-3)
 
 
-def test_flex_attention_under_context_parallelism_keeps_the_ranks_mask_rows():
-    """With CP each rank's queries (its two zigzag chunks) attend over the whole sequence's keys;
-    on a GPU through FlexAttention with a block mask made from the rank's rows of the dense mask.
-    Forward equals SDPA under those rows on both ranks of CP=2, for the causal mask alone (one
-    mask for every row) and with packed samples, grouped-query heads; the packed result differs
-    from the causal one (the samples' boundaries count)."""
-    import numpy as np
-
-    from trainer.model import attention
-
-    rows, length, cp, heads, kv_heads, dim = 2, 512, 2, 4, 2, 16
-    rng = np.random.default_rng(1)
-    sample = torch.from_numpy(np.stack([np.repeat(np.arange(60), rng.integers(5, 70, 60))[:length]
-                                        for _ in range(rows)]))
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    packed = ~(causal & (sample[:, :, None] == sample[:, None, :]))[:, None]
-    layer = attention.SDPAttention.__new__(attention.SDPAttention)
-    torch.nn.Module.__init__(layer)
-    layer.cp_size, layer.dropout, layer.softmax_scale = 1, 0.0, dim ** -0.5
-    generator = torch.Generator().manual_seed(0)
-    chunk = length // (2 * cp)
-    for rank in range(cp):
-        mine = torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
-                          torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)])
-        q = torch.randn(len(mine), rows, heads, dim, generator=generator)
-        k, v = (torch.randn(length, rows, kv_heads, dim, generator=generator) for _ in range(2))
-        zigzag = attention._zigzag_causal_mask_of(len(mine), length, torch.device("cpu"), cp, rank)
-        assert torch.equal(zigzag[0, 0], ~causal[mine])
-        outputs = {}
-        for name, mask in (("causal", zigzag), ("packed", packed[:, :, mine])):
-            dense = layer.forward(q, k, v, mask)
-            outputs[name] = layer._attend_flex_masked(q, k, v, mask)
-            assert torch.allclose(outputs[name], dense, atol=1e-5), (rank, name)
-        assert not torch.allclose(outputs["packed"], outputs["causal"], atol=1e-3)
-
-
 @pytest.mark.parametrize("weight_trains", [True, False], ids=["full", "frozen-output"])
 def test_output_loss_in_chunks_gives_the_cross_entropy_and_its_gradients(monkeypatch, weight_trains):
     """The output layer and loss in chunks (trainer.model.output_loss, 3 chunks, the last one

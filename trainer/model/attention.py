@@ -20,16 +20,11 @@ the keys and values of the whole sequence, puts them back in sequence order, and
 with its own queries; the mask rows are this rank's query positions (megatron-core's
 get_batch_on_this_cp_rank slices them so). This is all-gather context parallelism, not
 transformer-engine's ring: keys and values of the full sequence sit on each rank, while
-the queries, activations and the [s/CP, s] scores are split. On a GPU the rank's queries
-attend through FlexAttention with a block mask made from those mask rows, which skips the
-blocks that lie above the causal diagonal or across samples (SDPA under a dense mask computes
-every score and runs neither flash kernel); elsewhere, and for MLA's narrower values, SDPA
-takes the dense mask.
+the queries, activations and the [s/CP, s] scores are split.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from typing import Optional
@@ -74,8 +69,6 @@ class SDPAttention(MegatronModule):
             key, value = _gather_sequence(key), _gather_sequence(value)
             if attention_mask is None:
                 attention_mask = _zigzag_causal_mask(query.shape[0], key.shape[0], key.device)
-            if query.is_cuda and value.shape[-1] == query.shape[-1] and fused.enabled("flex_attention"):
-                return self._attend_flex_masked(query, key, value, attention_mask)
         # [s, b, heads, dim] -> [b, heads, s, dim]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if k.shape[1] != q.shape[1]:  # grouped-query attention: share each key/value head
@@ -119,21 +112,6 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
-    def _attend_flex_masked(self, query, key, value, mask):
-        """FlexAttention under a boolean mask [b or 1, 1, s_q, s_k] (True = masked out):
-        [s_q, b, heads, dim] queries, [s_k, b, kv heads, dim] keys and values -> [s_q, b,
-        heads x dim]. The block mask is built once per mask (every layer of a micro-batch gets
-        the same tensor)."""
-        block_mask = getattr(mask, "block_mask", None)
-        if block_mask is None:
-            block_mask = mask.block_mask = _dense_block_mask(mask)
-        s = query.shape[0]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = _flex(q.is_cuda)(q, k, v, block_mask=block_mask, scale=self.softmax_scale,
-                               enable_gqa=k.shape[1] != q.shape[1])
-        return out.permute(2, 0, 1, 3).reshape(s, q.shape[0], -1)
-
-
 def flex_suits(boundaries: torch.Tensor) -> bool:
     """Whether FlexAttention takes this micro-batch (short samples), when enabled."""
     return fused.enabled("flex_attention") and getattr(boundaries, "mean_sample", 0) < FLEX_BELOW
@@ -153,22 +131,6 @@ def boundaries_to_mask(cu_seqlens: torch.Tensor, rows: int, length: int) -> torc
     sample = (torch.searchsorted(cu_seqlens, positions, right=True) - 1).view(rows, length)
     causal = torch.ones(length, length, dtype=torch.bool, device=cu_seqlens.device).tril()
     return ~(causal & (sample[:, :, None] == sample[:, None, :]))[:, None]
-
-
-def _dense_block_mask(mask: torch.Tensor):
-    """FlexAttention's block mask for a dense boolean mask [b or 1, 1, s_q, s_k], True = masked out."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    if mask.shape[0] > 1:
-        def allowed(row, head, q, kv):
-            return ~mask[row, 0, q, kv]
-    else:  # one mask for every row
-        def allowed(row, head, q, kv):
-            return ~mask[0, 0, q, kv]
-
-    rows = mask.shape[0] if mask.shape[0] > 1 else None
-    return create_block_mask(allowed, rows, None, mask.shape[2], mask.shape[3], device=mask.device,
-                             _compile=mask.is_cuda)
 
 
 def _document_mask(sample: torch.Tensor):
@@ -267,16 +229,10 @@ def _gather_sequence(x: torch.Tensor) -> torch.Tensor:
 
 
 def _zigzag_causal_mask(local: int, total: int, device) -> torch.Tensor:
-    """The causal mask [1, 1, s/CP, s] for this rank's two chunks (True = masked out); the same
-    tensor for every layer and step, so FlexAttention's block mask is built once."""
+    """The causal mask [1, 1, s/CP, s] for this rank's two chunks (True = masked out)."""
     from megatron.core import parallel_state as ps
 
-    return _zigzag_causal_mask_of(local, total, torch.device(device), ps.get_context_parallel_world_size(),
-                                  ps.get_context_parallel_rank())
-
-
-@functools.cache
-def _zigzag_causal_mask_of(local: int, total: int, device: torch.device, cp: int, rank: int) -> torch.Tensor:
+    cp, rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
     chunk = total // (2 * cp)
     rows = torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
                       torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)]).to(device)
