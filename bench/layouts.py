@@ -137,6 +137,21 @@ def repeats_averaged(rows: list[dict]) -> list[dict]:
     return averaged
 
 
+def pairs_out_of_order(rows: list[dict]) -> list[str]:
+    """Each pair of layouts that the estimate ranks the other way round from the measurement,
+    with how far apart they measured."""
+    out = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            measured = a["measured_tokens_per_s_per_gpu"] - b["measured_tokens_per_s_per_gpu"]
+            estimated = a["estimated_tokens_per_s_per_gpu"] - b["estimated_tokens_per_s_per_gpu"]
+            if measured * estimated < 0:
+                faster, slower = (a, b) if measured > 0 else (b, a)
+                gap = faster["measured_tokens_per_s_per_gpu"] / slower["measured_tokens_per_s_per_gpu"] - 1
+                out.append(f"{faster['layout']} > {slower['layout']} by {gap:.1%}")
+    return out
+
+
 def compare(args) -> None:
     """For each results file (one machine each), the matmul utilisation and host time per layer
     fitted on its one-GPU rows; the collective and EP sync times fitted once on the multi-GPU rows
@@ -187,7 +202,8 @@ def compare(args) -> None:
                          for key in ("measured", "estimated")}
                 entry[label]["gpus"][gpus] = {"order_measured": order["measured"],
                                               "order_estimated": order["estimated"],
-                                              "same_order": order["measured"] == order["estimated"]}
+                                              "same_order": order["measured"] == order["estimated"],
+                                              "pairs_out_of_order": pairs_out_of_order(same)}
         check["machines"].append(entry)
         print(f"{entry['source']} ({entry['device']}): one GPU {m['single']}")
         for c in entry["rows"]:
@@ -197,8 +213,10 @@ def compare(args) -> None:
         for label in ("fitted", "predicted"):
             if label in entry:
                 for gpus, e in entry[label]["gpus"].items():
+                    n = len(e["order_measured"])
                     print(f"  {label} x{gpus}: measured {' > '.join(e['order_measured'])}; estimated "
-                          f"{' > '.join(e['order_estimated'])}")
+                          f"{' > '.join(e['order_estimated'])}; {n * (n - 1) // 2 - len(e['pairs_out_of_order'])} of "
+                          f"{n * (n - 1) // 2} pairs in order, out: {e['pairs_out_of_order']}")
                 print(f"  {label}: worst error {entry[label]['worst_error']:.0%}")
     print("collectives fitted on all:", joint)
     out = Path(args.output)
