@@ -20,7 +20,7 @@ def gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bo
         b = b.transpose(1, 2)
     if a.is_cuda and a.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") \
             and torch.cuda.get_device_capability(a.device)[0] >= 9:
-        return torch._grouped_mm(a, b, offs=torch.cumsum(on_gpu(batch_sizes, a.device), 0, dtype=torch.int32))
+        return torch._grouped_mm(a, b, offs=torch.cumsum(sizes_on_device(batch_sizes, a.device), 0, dtype=torch.int32))
     outputs, start = [], 0
     for expert, rows in enumerate(batch_sizes.tolist()):
         outputs.append(a[start:start + rows] @ b[expert])
@@ -28,7 +28,7 @@ def gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bo
     return torch.cat(outputs) if outputs else a.new_zeros(0, b.shape[-1])
 
 
-def on_gpu(batch_sizes: torch.Tensor, device: torch.device) -> torch.Tensor:
+def sizes_on_device(batch_sizes: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Tokens per expert on the GPU without the host waiting. Under EP or expert TP the
     dispatcher has read them to the host (for the all-to-all's splits); a copy from ordinary
     host memory would make the host wait for the GPU to drain (twice a layer: fc1 and fc2),
