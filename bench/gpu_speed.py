@@ -129,6 +129,23 @@ def check_kernels() -> dict:
                 t.grad = None
         for path in paths.keys() - {"dense"}:
             errors[f"{path}_{label}"] = max(relative_error(a, r) for a, r in zip(outs[path], outs["dense"]))
+        # context parallelism (CP=2): each rank's pieces through flash, against its rows of the dense
+        # output; the ranks' gradients summed against the dense gradients
+        from trainer.model import cp_attention
+
+        chunk, host, grads = s // 4, cu.cpu().numpy(), [torch.zeros_like(t) for t in (q, k, v)]
+        outs_cp = []
+        for rank in range(2):
+            mine = torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
+                              torch.arange((3 - rank) * chunk, (4 - rank) * chunk)]).cuda()
+            spans = cp_attention.spans_on_device(cp_attention.rank_spans(host, b, s, 2, rank), "cuda")
+            out = cp_attention.attend(q[mine], k, v, spans, attention.softmax_scale, _varlen_attn())
+            out.backward(grad[mine])
+            outs_cp.append(relative_error(out.detach(), outs["dense"][0][mine]))
+            for total, t in zip(grads, (q, k, v)):
+                total += t.grad
+                t.grad = None
+        errors[f"cp_attention_{label}"] = max(outs_cp + [relative_error(a, r) for a, r in zip(grads, outs["dense"][1:])])
     # RMSNorm, compiled vs plain
     x = torch.randn(4096, 2, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -364,7 +381,8 @@ def main() -> None:
     parser.add_argument("--extra", default="plain,long")
     parser.add_argument("--gpus", default="", help="also run the best `ours` on these GPU counts, EP = GPUs, "
                         "8 rows per GPU a step (tokens/s per GPU)")
-    parser.add_argument("--profile", action="store_true", help="profile the best `ours` run's last two steps")
+    parser.add_argument("--profile", nargs="?", const="ours", default="", choices=("ours", "ours_te"),
+                        help="profile the last two steps of the best `ours` run (or of `ours_te`)")
     parser.add_argument("--te-mb", default="", help="the trainer with transformer-engine at these micro-batch "
                         "sizes (rows ours_te), and its long-sample row at the best")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -453,8 +471,10 @@ def main() -> None:
             add(run_ours("ours_te_long", model_dir, te_mb, long_overrides, te=True), "long")
         check_first_step(rows, entry)
         if args.profile:
-            profile = out_dir / f"{args.name}.{model}.profile.json"
-            row = run_ours("ours_profiled", model_dir, best_mb, [], profile=profile)
+            te = args.profile == "ours_te"
+            mb = max(done_te, key=lambda r: r["tokens_per_s"])["micro_batch_size"] if te and done_te else best_mb
+            profile = out_dir / f"{args.name}.{model}.{args.profile}.profile.json"
+            row = run_ours(f"{args.profile}_profiled", model_dir, mb, [], profile=profile, te=te)
             if profile.exists():
                 entry["profile"] = json.loads(profile.read_text())
             add(row, "packed")

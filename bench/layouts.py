@@ -64,7 +64,8 @@ def run(args) -> None:
     result = json.loads(kept.read_text()) if kept.exists() else {
         "device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}, one host",
         "versions": gpu_speed.versions(), "model": "bench/models/qwen3_moe_8l", "sequence": 4096,
-        "rows_per_gpu": ROWS_PER_GPU, "data": "one long sample per row (data.truncation=right)", "rows": []}
+        "rows_per_gpu": ROWS_PER_GPU, "data": "one long sample per row (data.truncation=right)",
+        "transformer_engine": args.te, "rows": []}
     plan = [(1, mb, "single") for mb in map(int, args.calibrate.split(",") if args.calibrate else [])]
     for entry in filter(None, args.layouts.split(",")):
         spec, _, gpus = entry.partition("@")
@@ -74,7 +75,7 @@ def run(args) -> None:
         # run_ours puts its own batch and EP first; ours come after and win
         overrides = recipe_overrides(gpus, mb, layout, data)
         profile = out / f"{args.name}.{spec}-g{gpus}.profile.json" if f"{spec}@{gpus}" == args.profile else None
-        row = gpu_speed.run_ours(f"{spec}-g{gpus}", MODEL, mb, overrides[1:], gpus=gpus, profile=profile)
+        row = gpu_speed.run_ours(f"{spec}-g{gpus}", MODEL, mb, overrides[1:], gpus=gpus, profile=profile, te=args.te)
         row.update(layout=spec, recipe_overrides=overrides)
         if profile is None:  # a profiled run is slower: its row stays out of the comparison
             result["rows"].append(row)
@@ -235,6 +236,7 @@ def main() -> None:
     p.add_argument("--mb", type=int, default=4, help="micro-batch size of the multi-GPU layouts")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--profile", default="", metavar="LAYOUT@N", help="also profile this layout (a run of its own)")
+    p.add_argument("--te", action="store_true", help="with transformer-engine (MOE_TE_SITE, bench/te_install.sh)")
     p = sub.add_parser("compare")
     p.add_argument("results", nargs="+", help="results files of `run`, one per machine")
     p.add_argument("-o", "--output", default=str(REPO / "bench" / "results" / "layouts_check.json"))

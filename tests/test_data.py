@@ -195,10 +195,65 @@ def test_sample_boundaries_describe_the_same_attention_as_the_dense_mask(tmp_pat
     assert len(rows) >= 3 and any(len(set(r.sample.tolist())) > 2 for r in rows)
     full = Row(np.arange(48), np.arange(48), np.ones(48, np.float32), np.zeros(48, np.int32))
     rows = rows[:3] + [full, full]
-    dense = collate(rows, "cpu", "mask")["attention_mask"]
     cu = collate(rows, "cpu", "boundaries")["attention_mask"]
     assert cu.dtype == torch.int32 and int(cu[-1]) == 48 * len(rows) and 48 * 4 in cu.tolist()
-    assert torch.equal(boundaries_to_mask(cu, len(rows), 48), dense)
+    assert torch.equal(boundaries_to_mask(cu, len(rows), 48), same_sample_causal_mask(rows))
+
+
+def same_sample_causal_mask(rows) -> "torch.Tensor":
+    """[b, 1, L, L], True = masked out: a token sees the earlier tokens of its own sample."""
+    import numpy as np
+    import torch
+
+    sample = torch.from_numpy(np.stack([r.sample for r in rows]))
+    causal = torch.ones(sample.shape[1], sample.shape[1], dtype=torch.bool).tril()
+    return ~(causal & (sample[:, :, None] == sample[:, None, :]))[:, None]
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_pieces_attend_like_the_dense_mask(tmp_path, tokenizer, cp):
+    """Each CP rank's attention pieces (trainer.model.cp_attention: its two chunks of each row,
+    cut at sample starts, against the keys from each sample's start) give that rank's rows of
+    SDPA under the dense same-sample causal mask, over packed rows with padding, one row of a
+    single sample, grouped-query heads, forward and backward."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.data.batches import Row, collate
+    from trainer.model import cp_attention
+
+    rows_data = [{"prompt": "Say " + "a b " * k, "response": "c " * (k + 1)} for k in range(7)]
+    path, cfg = data(tmp_path, rows_data, "data.max_length=48", "data.shuffle=false")
+    rows = list(SFTData([str(path)], cfg, tokenizer, 0).rows(0))[:3]
+    assert any(len(set(r.sample.tolist())) > 2 for r in rows)
+    rows.append(Row(np.arange(48), np.arange(48), np.ones(48, np.float32), np.zeros(48, np.int32)))
+    b, s, heads, kv_heads, dim = len(rows), 48, 4, 2, 8
+    boundaries = collate(rows, "cpu", "boundaries")["attention_mask"]
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(s, b, heads, dim, generator=generator, requires_grad=True)
+    k, v = (torch.randn(s, b, kv_heads, dim, generator=generator, requires_grad=True) for _ in range(2))
+    grad = torch.randn(s, b, heads * dim, generator=generator)
+    dense = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), enable_gqa=True,
+                                           attn_mask=~same_sample_causal_mask(rows))
+    dense = dense.permute(2, 0, 1, 3).reshape(s, b, heads * dim)
+    dense.backward(grad)
+    expected = [t.grad.clone() for t in (q, k, v)]
+    chunk, found = s // (2 * cp), [torch.zeros_like(t) for t in (q, k, v)]
+    for rank in range(cp):
+        mine = torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
+                          torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)])
+        spans = cp_attention.spans_on_device(cp_attention.rank_spans(boundaries.host, b, s, cp, rank), "cpu")
+        assert spans.max_query <= chunk and int(spans.key_cu[-1]) < s * b * (1 + 1 / cp)
+        for t in (q, k, v):
+            t.grad = None
+        out = cp_attention.attend(q[mine], k, v, spans, dim ** -0.5)
+        assert torch.allclose(out, dense[mine].detach(), atol=1e-5), f"rank {rank} of {cp}"
+        out.backward(grad[mine])
+        for total, t in zip(found, (q, k, v)):
+            total += t.grad  # each rank's share of the gradients; over the ranks, the whole
+    for total, want in zip(found, expected):
+        assert torch.allclose(total, want, atol=1e-5)
 
 
 def test_packed_sequences_for_transformer_engine(tmp_path, tokenizer):

@@ -51,7 +51,7 @@ class Run:
 
         batch = collate(rows, devices.device(), attention_form(self.recipe), packing_align(self.recipe))
         if batch["attention_mask"] is not None and batch["attention_mask"].dtype == torch.int32 \
-                and not self.config.multi_latent_attention:
+                and not self.config.multi_latent_attention and self.config.context_parallel_size == 1:
             from trainer.model.attention import prepare_block_mask
 
             prepare_block_mask(batch["attention_mask"])
@@ -60,15 +60,10 @@ class Run:
 
 def attention_form(recipe) -> str:
     """How attention learns where packed samples start: transformer-engine takes them as
-    packed sequences (THD); the TE-free path as sample boundaries for flash attention, except
-    under context parallelism, whose ranks slice a dense mask."""
+    packed sequences (THD); the TE-free path as sample boundaries (trainer.model.attention)."""
     from trainer.model.build import have_transformer_engine
 
-    if have_transformer_engine():
-        return "thd"
-    if recipe.megatron.context_parallel_size == 1 and (fused.enabled("attention") or not devices.on_gpu()):
-        return "boundaries"
-    return "mask"
+    return "thd" if have_transformer_engine() else "boundaries"
 
 
 def packing_align(recipe) -> int:
@@ -229,15 +224,24 @@ def forward_step(data_iterator, model):
 
 def on_this_cp_rank(batch: dict) -> dict:
     """With context parallelism each rank keeps its part of the sequence: two chunks of each
-    row (and their mask rows), or under packed sequences two chunks of each sample
-    (transformer-engine's partitioning)."""
+    row, with its pieces of each sample for attention (trainer.model.cp_attention), or under
+    packed sequences two chunks of each sample (transformer-engine's partitioning)."""
     from megatron.core import parallel_state as ps
     from megatron.core.utils import get_batch_on_this_cp_rank
 
     params = batch.pop("packed_seq_params", None)
-    if params is None:
-        return get_batch_on_this_cp_rank(batch)
     cp = ps.get_context_parallel_world_size()
+    if params is None:
+        if cp == 1:
+            return batch
+        from trainer.model import cp_attention
+
+        boundaries = batch.pop("attention_mask")
+        rows, length = batch["tokens"].shape
+        spans = cp_attention.rank_spans(boundaries.host, rows, length, cp, ps.get_context_parallel_rank())
+        batch = get_batch_on_this_cp_rank(batch)
+        batch["attention_mask"] = cp_attention.spans_on_device(spans, batch["tokens"].device)
+        return batch
     if cp > 1:
         import transformer_engine_torch as tex
 

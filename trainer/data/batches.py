@@ -263,17 +263,16 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-ATTENTION_FORMS = ("boundaries", "mask", "thd")
+ATTENTION_FORMS = ("boundaries", "thd")
 
 
 def collate(rows: list[Row], device, form: str = "boundaries", align: int = 1) -> dict:
     """A micro-batch for GPTModel: tokens, positions, labels, loss mask and what keeps attention
-    inside each sample, in one of three forms:
+    inside each sample, in one of two forms:
 
     - boundaries: the samples' cumulative lengths over the micro-batch's tokens, row after
-      row (int32, [samples + 1]), as the attention mask (trainer.model.attention);
-    - mask: the dense [b, 1, L, L] mask, built on the device (the TE-free path's context
-      parallelism slices its rows per rank);
+      row (int32, [samples + 1]), as the attention mask (trainer.model.attention), with the
+      host's copy (`host`: context parallelism cuts it into each rank's pieces);
     - thd: transformer-engine's packed-sequence format. The rows are laid end to end as one
       sequence [1, b x L] and `packed_seq_params` carries the boundaries, so its fused
       attention runs over variable-length samples (megatron-core's PackedSeqParams); `align`
@@ -288,17 +287,12 @@ def collate(rows: list[Row], device, form: str = "boundaries", align: int = 1) -
     length = tokens.shape[1]
     if form == "thd":
         return _thd(tokens, labels, loss_mask, thd_boundaries([r.sample for r in rows], align), device)
-    if form == "boundaries":
-        cu_seqlens = sample_boundaries([r.sample for r in rows])
-        attention_mask = to_device(cu_seqlens, device)
-        attention_mask.max_seqlen = int(np.diff(cu_seqlens).max())  # sizes flash attention's grid
-        attention_mask.sample_ids = stacked("sample")  # FlexAttention's document mask
-        attention_mask.mean_sample = float(np.diff(cu_seqlens).mean())  # (picks it or varlen)
-    else:
-        sample = stacked("sample")
-        causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
-        same_sample = sample[:, :, None] == sample[:, None, :]
-        attention_mask = ~(causal & same_sample)[:, None]  # True = masked out, megatron's convention
+    cu_seqlens = sample_boundaries([r.sample for r in rows])
+    attention_mask = to_device(cu_seqlens, device)
+    attention_mask.host = cu_seqlens
+    attention_mask.max_seqlen = int(np.diff(cu_seqlens).max())  # sizes flash attention's grid
+    attention_mask.sample_ids = stacked("sample")  # FlexAttention's document mask
+    attention_mask.mean_sample = float(np.diff(cu_seqlens).mean())  # (picks it or varlen)
     # RoPE depends on relative positions only, so continuing positions across packed samples
     # gives each sample the same attention as it would get alone.
     position_ids = torch.arange(length, device=tokens.device).expand_as(tokens)

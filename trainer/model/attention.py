@@ -4,23 +4,13 @@ megatron-core's own DotProductAttention materialises the full [b, n, s, s] score
 (it runs out of memory at sequence 4096 on an H100); SDPA picks flash or memory-efficient
 kernels on the GPU and a fused kernel on the CPU.
 
-Packed samples arrive in one of two forms (trainer.data.batches.collate):
-- sample boundaries: an int32 tensor of cumulative sample lengths over the micro-batch's
-  tokens, row after row (what flash attention's variable-length kernel takes). On a GPU,
-  torch's `varlen_attn` then attends inside each sample and never computes a score across
-  two; elsewhere the same boundaries become a dense mask for SDPA.
-- a boolean mask [b, 1, s, s] (True = masked out, megatron's convention), with context
-  parallelism, whose ranks hold two chunks of each row.
-megatron-core passes the attention mask through to core attention untouched, so the int32
-boundaries travel in its place.
-
-Context parallelism: megatron-core gives each CP rank two of the 2 x CP sequence chunks
-(chunk r and chunk 2 x CP - 1 - r, which balances causal work). Here every rank gathers
-the keys and values of the whole sequence, puts them back in sequence order, and attends
-with its own queries; the mask rows are this rank's query positions (megatron-core's
-get_batch_on_this_cp_rank slices them so). This is all-gather context parallelism, not
-transformer-engine's ring: keys and values of the full sequence sit on each rank, while
-the queries, activations and the [s/CP, s] scores are split.
+Packed samples arrive as sample boundaries: an int32 tensor of cumulative sample lengths over
+the micro-batch's tokens, row after row (what flash attention's variable-length kernel takes).
+On a GPU, torch's `varlen_attn` then attends inside each sample and never computes a score
+across two (FlexAttention for rows of many short samples); elsewhere the same boundaries become
+a dense mask for SDPA. megatron-core passes the attention mask through to core attention
+untouched, so the int32 boundaries travel in its place. Under context parallelism they arrive
+as this rank's pieces of each sample (trainer.model.cp_attention).
 """
 
 from __future__ import annotations
@@ -58,17 +48,15 @@ class SDPAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if packed_seq_params is not None:
-            raise ValueError("THD packed sequences need transformer-engine; the trainer packs with a mask instead")
+            raise ValueError("THD packed sequences need transformer-engine; the trainer packs with sample boundaries instead")
+        if self.cp_size > 1:
+            return self._attend_context_parallel(query, key, value, attention_mask)
         if attention_mask is not None and attention_mask.dtype == torch.int32:
             if query.is_cuda and value.shape[-1] == query.shape[-1] and flex_suits(attention_mask):
                 return self._attend_flex(query, key, value, attention_mask)
             if query.is_cuda and _varlen_attn() is not None:
                 return self._attend_samples(query, key, value, attention_mask)
             attention_mask = boundaries_to_mask(attention_mask, query.shape[1], query.shape[0])
-        if self.cp_size > 1:
-            key, value = _gather_sequence(key), _gather_sequence(value)
-            if attention_mask is None:
-                attention_mask = _zigzag_causal_mask(query.shape[0], key.shape[0], key.device)
         # [s, b, heads, dim] -> [b, heads, s, dim]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if k.shape[1] != q.shape[1]:  # grouped-query attention: share each key/value head
@@ -93,8 +81,18 @@ class SDPAttention(MegatronModule):
         q, k, v = (t.transpose(0, 1).reshape(b * s, t.shape[2], dim) for t in (query, key, value))
         # the longest sample sizes the kernel's grid (the row length is a safe bound)
         longest = getattr(cu_seqlens, "max_seqlen", s)
-        out = _varlen_attn()(q, k, v, cu_seqlens, longest, self.softmax_scale)
+        out = _varlen_attn()(q, k, v, cu_seqlens, cu_seqlens, longest, longest, self.softmax_scale)
         return out[..., :value_dim].reshape(b, s, heads * value_dim).transpose(0, 1).contiguous()
+
+    def _attend_context_parallel(self, query, key, value, spans):
+        from trainer.model import cp_attention
+
+        if getattr(spans, "key_index", None) is None:
+            raise ValueError("context parallelism without transformer-engine needs the micro-batch's sample "
+                             "pieces of this rank (trainer.loop.on_this_cp_rank)")
+        key, value = cp_attention.gather_sequence(key), cp_attention.gather_sequence(value)
+        varlen = _varlen_attn() if query.is_cuda else None
+        return cp_attention.attend(query, key, value, spans, self.softmax_scale, varlen)
 
     def _attend_flex(self, query, key, value, boundaries):
         """FlexAttention with a same-sample causal mask: [s, b, heads, dim] -> [s, b, heads x dim].
@@ -162,8 +160,8 @@ _VARLEN = []
 
 
 def _varlen_attn():
-    """torch's flash varlen attention as f(q, k, v, cu_seqlens, max_len, scale), causal, with
-    grouped-query heads; None where torch lacks it or MOE_PLAIN_KERNELS names `attention`.
+    """torch's flash varlen attention as f(q, k, v, cu_q, cu_k, max_q, max_k, scale), causal (aligned
+    to the lower right where a piece has more keys than queries), with grouped-query heads; None where torch lacks it or MOE_PLAIN_KERNELS names `attention`.
     Its keyword arguments changed between torch releases (is_causal, then window_size; scale
     and enable_gqa later), so they are read off its signature."""
     if _VARLEN:
@@ -176,7 +174,7 @@ def _varlen_attn():
     if varlen_attn is not None and fused.enabled("attention"):
         params = inspect.signature(varlen_attn).parameters
 
-        def fn(q, k, v, cu_seqlens, max_len, scale):
+        def fn(q, k, v, cu_q, cu_k, max_q, max_k, scale):
             kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
             if "scale" in params:
                 kwargs["scale"] = scale
@@ -188,52 +186,6 @@ def _varlen_attn():
                 else:
                     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
                     v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
+            return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
     _VARLEN.append(fn)
     return fn
-
-
-class _AllGatherSequence(torch.autograd.Function):
-    """All-gather along the sequence (dim 0) over the CP group; backward sums the gradient of
-    the whole sequence over the ranks and keeps this rank's part (all-reduce works on gloo,
-    where reduce-scatter does not)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        from megatron.core import parallel_state as ps
-
-        group = ps.get_context_parallel_group()
-        ctx.group, ctx.rank, ctx.length = group, ps.get_context_parallel_rank(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
-        torch.distributed.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        torch.distributed.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank * ctx.length:(ctx.rank + 1) * ctx.length]
-
-
-def _gather_sequence(x: torch.Tensor) -> torch.Tensor:
-    """[s/CP, ...] on each rank (its two chunks) -> [s, ...] in sequence order."""
-    from megatron.core import parallel_state as ps
-
-    cp = ps.get_context_parallel_world_size()
-    gathered = _AllGatherSequence.apply(x)
-    chunks = gathered.chunk(2 * cp, dim=0)  # rank r holds chunks r and 2cp-1-r, in rank order
-    ordered = [None] * (2 * cp)
-    for r in range(cp):
-        ordered[r], ordered[2 * cp - 1 - r] = chunks[2 * r], chunks[2 * r + 1]
-    return torch.cat(ordered, dim=0)
-
-
-def _zigzag_causal_mask(local: int, total: int, device) -> torch.Tensor:
-    """The causal mask [1, 1, s/CP, s] for this rank's two chunks (True = masked out)."""
-    from megatron.core import parallel_state as ps
-
-    cp, rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-    chunk = total // (2 * cp)
-    rows = torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
-                      torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)]).to(device)
-    return (torch.arange(total, device=device)[None, :] > rows[:, None])[None, None]
