@@ -48,7 +48,8 @@ class SDPAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if packed_seq_params is not None:
-            raise ValueError("THD packed sequences need transformer-engine; the trainer packs with sample boundaries instead")
+            raise ValueError("THD packed sequences need transformer-engine; the trainer packs with sample "
+                             "boundaries instead")
         if self.cp_size > 1:
             return self._attend_context_parallel(query, key, value, attention_mask)
         if attention_mask is not None and attention_mask.dtype == torch.int32:
@@ -161,7 +162,8 @@ _VARLEN = []
 
 def _varlen_attn():
     """torch's flash varlen attention as f(q, k, v, cu_q, cu_k, max_q, max_k, scale), causal (aligned
-    to the lower right where a piece has more keys than queries), with grouped-query heads; None where torch lacks it or MOE_PLAIN_KERNELS names `attention`.
+    to the lower right where a piece has more keys than queries), with grouped-query heads; None
+    where torch lacks it or MOE_PLAIN_KERNELS names `attention`.
     Its keyword arguments changed between torch releases (is_causal, then window_size; scale
     and enable_gqa later), so they are read off its signature."""
     if _VARLEN:
