@@ -369,3 +369,31 @@ def test_prefetch_runs_in_a_worker_process_and_raises_its_errors():
     endless.close()
     with pytest.raises(ProcessLookupError):
         os.kill(worker, 0)
+
+
+STUCK_IN_FORK = """
+import os, sys, time
+from trainer.data import batches
+batches.WORKER_START_S = 2.0
+def first_child_hangs():  # as a trainer rank's child once did, inside os.fork, before its own code
+    if not os.path.exists(sys.argv[1]):
+        open(sys.argv[1], "w").close()
+        time.sleep(3600)
+os.register_at_fork(after_in_child=first_child_hangs)
+print(list(batches.prefetch(iter(range(5)))))
+"""
+
+
+def test_prefetch_forks_again_when_its_worker_hangs_before_starting(tmp_path):
+    """A data worker that never starts (stuck in the fork) is killed and forked again: every
+    item arrives once, in order, instead of the rank waiting forever."""
+    import subprocess
+    import sys
+
+    from tests.trainer_helpers import REPO
+
+    done = subprocess.run([sys.executable, "-c", STUCK_IN_FORK, str(tmp_path / "forked")], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[0, 1, 2, 3, 4]"
+    assert (tmp_path / "forked").exists()  # the first worker did hang

@@ -371,36 +371,18 @@ def prefetch(iterator, depth: int = 2):
     DataLoader workers, takes it off the trainer's interpreter. Forked, not spawned: it inherits
     the iterator as it is, with no imports to repeat, and touches no GPU or process group.
     An exception in the worker is raised here; the worker ends when this process does (or
-    when the generator is closed), and never holds the job's output open."""
+    when the generator is closed), and never holds the job's output open.
+
+    A forked child can hang before it runs a line of its own: once in about fifty two-rank CPU
+    runs, the child of a trainer rank (Python 3.11, dozens of gloo threads) waited forever
+    inside os.fork's after-fork handling, on the interpreter's thread-state lock (gdb), and the
+    other rank waited on it in the first collective. The worker says it has started; one that
+    has not within WORKER_START_S is killed and forked again, from the same untouched iterator."""
     import atexit
     import multiprocessing
-    import pickle
     import queue as queue_errors
 
-    context = multiprocessing.get_context("fork")
-    items = context.Queue(maxsize=depth)
-    parent = os.getpid()
-
-    def produce():
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)  # an orphaned worker must not keep a scheduler's output stream open
-        os.dup2(devnull, 2)
-        _default_signals(parent)
-        try:
-            for item in iterator:
-                items.put(("item", item))
-        except BaseException as err:  # surfaces in the training loop, not in a silent process
-            try:
-                pickle.dumps(err)
-            except Exception:  # noqa: BLE001 - an exception that cannot cross: its text can
-                err = RuntimeError(f"data worker: {err!r}")
-            items.put(("error", err))
-        items.put(("done", None))
-
-    # not daemonic, since it starts the tokenising processes (tokenised_rows); killed at exit instead
-    worker = context.Process(target=produce, name="moe-data")
-    worker.start()
-    atexit.register(worker.kill)
+    worker, items = _start_worker(multiprocessing.get_context("fork"), iterator, depth)
     try:
         while True:
             try:
@@ -418,6 +400,53 @@ def prefetch(iterator, depth: int = 2):
         worker.kill()
         worker.join()
         atexit.unregister(worker.kill)
+
+
+WORKER_START_S = 30.0  # a forked worker that has not said so by then is stuck in the fork itself
+WORKER_FORKS = 3
+
+
+def _start_worker(context, iterator, depth: int):
+    """(the prefetch worker, its queue), started and heard from (prefetch's docstring says why
+    it may take more than one fork; each gets a queue of its own)."""
+    import atexit
+    import pickle
+    import queue as queue_errors
+
+    parent = os.getpid()
+
+    def produce(items):
+        items.put(("started", None))
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)  # an orphaned worker must not keep a scheduler's output stream open
+        os.dup2(devnull, 2)
+        _default_signals(parent)
+        try:
+            for item in iterator:
+                items.put(("item", item))
+        except BaseException as err:  # surfaces in the training loop, not in a silent process
+            try:
+                pickle.dumps(err)
+            except Exception:  # noqa: BLE001 - an exception that cannot cross: its text can
+                err = RuntimeError(f"data worker: {err!r}")
+            items.put(("error", err))
+        items.put(("done", None))
+
+    for _ in range(WORKER_FORKS):
+        # not daemonic, since it starts the tokenising processes (tokenised_rows); killed at exit instead
+        items = context.Queue(maxsize=depth)
+        worker = context.Process(target=produce, args=(items,), name="moe-data")
+        worker.start()
+        atexit.register(worker.kill)
+        try:
+            if items.get(timeout=WORKER_START_S)[0] == "started":
+                return worker, items
+        except queue_errors.Empty:
+            pass
+        worker.kill()
+        worker.join()
+        atexit.unregister(worker.kill)
+    raise RuntimeError(f"the data worker did not start in {WORKER_FORKS} forks of {WORKER_START_S:.0f} s each")
 
 
 def _default_signals(parent: int) -> None:
