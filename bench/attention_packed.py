@@ -125,8 +125,7 @@ def context_parallel(name: str, cp: int, rng, results: dict) -> None:
                 for _ in range(2))
         row = {"samples": int(starts.size - 1)}
         for rank in range(cp):
-            mine = torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
-                              torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)]).cuda()
+            mine = torch.from_numpy(cp_attention.rank_positions(LENGTH, cp, rank)).cuda()
             mask = attention.boundaries_to_mask(cu, ROWS, LENGTH)[:, :, mine]
             spans = cp_attention.spans_on_device(cp_attention.rank_spans(starts, ROWS, LENGTH, cp, rank), "cuda")
             q = torch.randn(2 * chunk, ROWS, HEADS, DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -133,11 +133,10 @@ def check_kernels() -> dict:
         # output; the ranks' gradients summed against the dense gradients
         from trainer.model import cp_attention
 
-        chunk, host, grads = s // 4, cu.cpu().numpy(), [torch.zeros_like(t) for t in (q, k, v)]
+        host, grads = cu.cpu().numpy(), [torch.zeros_like(t) for t in (q, k, v)]
         outs_cp = []
         for rank in range(2):
-            mine = torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
-                              torch.arange((3 - rank) * chunk, (4 - rank) * chunk)]).cuda()
+            mine = torch.from_numpy(cp_attention.rank_positions(s, 2, rank)).cuda()
             spans = cp_attention.spans_on_device(cp_attention.rank_spans(host, b, s, 2, rank), "cuda")
             out = cp_attention.attend(q[mine], k, v, spans, attention.softmax_scale, _varlen_attn())
             out.backward(grad[mine])

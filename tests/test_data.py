@@ -241,8 +241,7 @@ def test_context_parallel_pieces_attend_like_the_dense_mask(tmp_path, tokenizer,
     expected = [t.grad.clone() for t in (q, k, v)]
     chunk, found = s // (2 * cp), [torch.zeros_like(t) for t in (q, k, v)]
     for rank in range(cp):
-        mine = torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
-                          torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)])
+        mine = torch.from_numpy(cp_attention.rank_positions(s, cp, rank))
         spans = cp_attention.spans_on_device(cp_attention.rank_spans(boundaries.host, b, s, cp, rank), "cpu")
         assert spans.max_query <= chunk and int(spans.key_cu[-1]) < s * b * (1 + 1 / cp)
         for t in (q, k, v):

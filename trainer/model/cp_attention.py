@@ -24,6 +24,14 @@ import torch
 import torch.nn.functional as F
 
 
+def rank_positions(length: int, cp: int, rank: int) -> np.ndarray:
+    """The positions in a row of CP rank `rank`'s tokens, in the order it holds them: chunk
+    `rank`, then chunk 2 x CP - 1 - `rank`, of 2 x CP (megatron-core's get_batch_on_this_cp_rank)."""
+    chunk = length // (2 * cp)
+    return np.concatenate([np.arange(rank * chunk, (rank + 1) * chunk),
+                           np.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)])
+
+
 def rank_spans(cu_seqlens: np.ndarray, rows: int, length: int, cp: int, rank: int) -> dict:
     """This CP rank's attention pieces, from the samples' cumulative lengths over the micro-batch's
     rows laid end to end (`trainer.data.batches.sample_boundaries`: every row starts a sample).
@@ -33,9 +41,8 @@ def rank_spans(cu_seqlens: np.ndarray, rows: int, length: int, cp: int, rank: in
     keys), `key_index` (int64: each packed key's position among the rows' gathered keys) and
     the longest piece of each, `max_query` and `max_key`."""
     chunk = length // (2 * cp)
-    firsts = np.array([rank * chunk, (2 * cp - 1 - rank) * chunk])
     # positions (rows end to end) of this rank's queries, in its local order
-    local = (np.arange(rows)[:, None, None] * length + firsts[None, :, None] + np.arange(chunk)).reshape(-1)
+    local = (np.arange(rows)[:, None] * length + rank_positions(length, cp, rank)).reshape(-1)
     starts = np.asarray(cu_seqlens[:-1], dtype=np.int64)
     sample = np.searchsorted(starts, local, side="right") - 1
     # a piece starts at each chunk's first query and at each sample start inside a chunk
