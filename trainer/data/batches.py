@@ -373,7 +373,7 @@ def prefetch(iterator, depth: int = 2):
     An exception in the worker is raised here; the worker ends when this process does (or
     when the generator is closed), and never holds the job's output open.
 
-    A forked child can hang before it runs a line of its own: once in about fifty two-rank CPU
+    A forked child can hang before it runs a line of its own: once in about seventy two-rank CPU
     runs, the child of a trainer rank (Python 3.11, dozens of gloo threads) waited forever
     inside os.fork's after-fork handling, on the interpreter's thread-state lock (gdb), and the
     other rank waited on it in the first collective. The worker says it has started; one that
