@@ -33,10 +33,12 @@ def sizes_on_device(batch_sizes: torch.Tensor, device: torch.device) -> torch.Te
     dispatcher has read them to the host (for the all-to-all's splits); a copy from ordinary
     host memory would make the host wait for the GPU to drain (twice a layer: fc1 and fc2),
     and the GPU would then idle while the host launched what follows. Through pinned memory
-    the copy is queued like a kernel."""
+    the copy is queued like a kernel (trainer.data.batches.to_device)."""
     if batch_sizes.is_cuda:
         return batch_sizes
-    return batch_sizes.pin_memory().to(device, non_blocking=True)
+    from trainer.data.batches import to_device
+
+    return to_device(batch_sizes.numpy(), device)
 
 
 def install() -> None:
