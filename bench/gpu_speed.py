@@ -2,7 +2,7 @@
 
     python3 bench/gpu_speed.py NAME [--models qwen3_moe_8l,qwen3_30b_a3b_slice] [--hf-mb 1,2,4]
         [--ours-mb 1,2,4] [--ablate attention,norm,grad_accum,adam,permute] [--extra plain,bf16_grads,long]
-        [--te-mb 4,8] [--lora-mb 4] [--gpus 2] [--set KEY=VALUE ...]
+        [--te-mb 4,8] [--te-ablate flex_attention] [--lora-mb 4] [--gpus 2] [--set KEY=VALUE ...]
 
 Runs the bf16 matmul ceiling (an 8192^3 product), checks each fused kernel against the plain
 code it replaces (asserts), then for each model `transformers` and the trainer at each
@@ -291,6 +291,7 @@ def run_ours(name: str, model_dir: Path, mb: int, overrides: list[str], plain: s
     """The trainer under torchrun, TE-free unless `te`; stopped by SIGKILL once its last step
     is logged (a benchmark keeps no checkpoint)."""
     run_dir = work / f"{name}-mb{mb}"
+    started = time.time()
     subprocess.run(["rm", "-rf", str(run_dir)])
     run_dir.mkdir(parents=True)
     from launcher.recipe import load_recipe
@@ -322,7 +323,7 @@ def run_ours(name: str, model_dir: Path, mb: int, overrides: list[str], plain: s
     stop_and_free_gpu(proc, run_dir / "recipe.yaml")
     log.close()
     row = {"name": name, "gpus": gpus, "micro_batch_size": mb, "plain_kernels": plain, "overrides": overrides[7:],
-           "transformer_engine": te}
+           "transformer_engine": te, "wall_s": round(time.time() - started)}
     if len(steps) < STEPS:
         lines = (run_dir / "log.txt").read_text().strip().splitlines()
         errors = [line for line in lines if "Error" in line or "error:" in line] or lines[-3:]
@@ -384,6 +385,8 @@ def main() -> None:
                         help="profile the last two steps of the best `ours` run (or of `ours_te`)")
     parser.add_argument("--te-mb", default="", help="the trainer with transformer-engine at these micro-batch "
                         "sizes (rows ours_te), and its long-sample row at the best")
+    parser.add_argument("--te-ablate", default="", help="pieces to turn off one at a time in the transformer-engine "
+                        "row, at its best micro-batch (rows ours_te_plain_PIECE)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override for every trainer row (repeatable)")
     parser.add_argument("--lora-mb", default="", help="LoRA (rank 16, the default targets) at these micro-batch "
@@ -465,13 +468,16 @@ def main() -> None:
                 add(run_ours("ours_lora", model_dir, mb, ["model.lora.rank=16", f"megatron.dist_checkpointing_path={base}"]),
                     "packed")
         done_te = [r for r in rows if r["name"] == "ours_te" and "tokens_per_s" in r]
+        te_mb = max(done_te, key=lambda r: r["tokens_per_s"])["micro_batch_size"] if done_te else None
+        for piece in words(args.te_ablate) if done_te else []:
+            add(run_ours(f"ours_te_plain_{piece}", model_dir, te_mb, [], plain=piece.replace("+", ","), te=True),
+                "packed")
         if done_te and "long" in words(args.extra):
-            te_mb = max(done_te, key=lambda r: r["tokens_per_s"])["micro_batch_size"]
             add(run_ours("ours_te_long", model_dir, te_mb, long_overrides, te=True), "long")
         check_first_step(rows, entry)
         if args.profile:
             te = args.profile == "ours_te"
-            mb = max(done_te, key=lambda r: r["tokens_per_s"])["micro_batch_size"] if te and done_te else best_mb
+            mb = te_mb if te and done_te else best_mb
             profile = out_dir / f"{args.name}.{model}.{args.profile}.profile.json"
             row = run_ours(f"{args.profile}_profiled", model_dir, mb, [], profile=profile, te=te)
             if profile.exists():

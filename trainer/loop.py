@@ -50,11 +50,11 @@ class Run:
         from trainer.data.batches import collate
 
         batch = collate(rows, devices.device(), attention_form(self.recipe), packing_align(self.recipe))
-        if batch["attention_mask"] is not None and batch["attention_mask"].dtype == torch.int32 \
-                and not self.config.multi_latent_attention and self.config.context_parallel_size == 1:
+        samples = batch.get("packed_seq_params") or batch["attention_mask"]  # (thd, boundaries)
+        if samples is not None and not self.config.multi_latent_attention and self.config.context_parallel_size == 1:
             from trainer.model.attention import prepare_block_mask
 
-            prepare_block_mask(batch["attention_mask"])
+            prepare_block_mask(samples)
         return batch
 
 

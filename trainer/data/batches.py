@@ -324,6 +324,10 @@ def _thd(tokens, labels, loss_mask, boundaries, device) -> dict:
                              max_seqlen_q=longest, max_seqlen_kv=longest)
     if not np.array_equal(real, padded):  # samples padded for context parallelism
         params.cu_seqlens_q_padded = params.cu_seqlens_kv_padded = on_device(padded)
+    else:  # FlexAttention's document mask for short samples, row by row (trainer.model.attention)
+        sample_ids = np.searchsorted(real, np.arange(real[-1]), side="right") - 1
+        params.sample_ids = on_device(sample_ids.reshape(tokens.shape))
+        params.mean_sample = float(np.diff(real).mean())
     flat = lambda t: t.reshape(1, -1)  # noqa: E731
     # megatron-core restarts rotary positions at each sample from cu_seqlens; these go unused
     positions = torch.arange(tokens.numel(), device=tokens.device)[None]

@@ -110,6 +110,12 @@ def layer_spec(config, vp_stage=None):
     fused.install()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
                                       vp_stage=vp_stage)
+    if use_te and config.context_parallel_size == 1 and not config.multi_latent_attention \
+            and fused.enabled("flex_attention"):
+        from trainer.model.attention import te_attention_for_short_samples
+
+        for layer in spec.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = te_attention_for_short_samples()
     if not use_te:
         from megatron.core.transformer.spec_utils import ModuleSpec
 
