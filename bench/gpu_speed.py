@@ -163,6 +163,11 @@ def check_kernels() -> dict:
     ref = main_grad.double() + grad_out.double().t() @ inputs.double()
     fused.wgrad_accumulate(inputs, grad_out, main_grad)
     errors["grad_accum"] = relative_error(main_grad, ref)
+    # a bf16 gradient into an fp32 main gradient (an odd size: the last block is partial)
+    main_grad, part = torch.randn(10_000_019, device="cuda"), torch.randn(10_000_019, device="cuda").bfloat16()
+    ref = main_grad + part.float()
+    fused.add_into(main_grad, part)
+    errors["grad_add"] = relative_error(main_grad, ref)
     # token permutation without host synchronisation vs megatron-core's
     from megatron.core.transformer.moe import moe_utils
 

@@ -207,3 +207,63 @@ def test_output_loss_in_chunks_gives_the_cross_entropy_and_its_gradients(monkeyp
         torch.testing.assert_close(ours_w, ref_w, rtol=1e-5, atol=1e-6)
     else:
         assert ours_w is None
+
+
+def test_gradients_added_by_hook_reach_the_main_gradient_once_per_micro_batch():
+    """fused.add_grads_by_hook under megatron-core DDP's contract (its post-accumulation hook adds
+    `param.grad` into `main_grad` unless `grad_added_to_main_grad` is set, and it clears the flag
+    every step): over three micro-batches the main gradients hold the sum of the three gradients,
+    for a plain parameter and for one whose layer accumulates its own (gradient-accumulation
+    fusion: it sets the flag and hands autograd a placeholder), and again after the next step's
+    reset."""
+    from trainer.model import fused
+
+    class FusedLinear(torch.autograd.Function):  # megatron-core's linear with gradient-accumulation fusion
+        @staticmethod
+        def forward(ctx, x, weight):
+            ctx.save_for_backward(x, weight)
+            return x @ weight.t()
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, weight = ctx.saved_tensors
+            weight.main_grad.add_(grad.t() @ x)
+            weight.grad_added_to_main_grad = True
+            return grad @ weight, torch.empty_like(weight)  # the placeholder: never added
+
+    torch.manual_seed(0)
+    plain = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+    fused_weight = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    module = torch.nn.Module()
+    module.plain, module.fused_weight = plain, fused_weight
+
+    def ddp_hook(param):  # distributed_data_parallel.py: _make_backward_post_hook
+        def hook(*unused):
+            if param.grad is not None and not param.grad_added_to_main_grad:
+                param.main_grad.add_(param.grad.data)
+            param.grad = None
+        return hook
+
+    keep = []  # the AccumulateGrad nodes, as DDP keeps them
+    for param in (plain, fused_weight):
+        param.main_grad = torch.zeros_like(param)
+        param.grad_added_to_main_grad = False
+        accumulate = param.expand_as(param).grad_fn.next_functions[0][0]
+        accumulate.register_hook(ddp_hook(param))
+        keep.append(accumulate)
+    fused.add_grads_by_hook([module])
+
+    for step in range(2):
+        for param in (plain, fused_weight):  # zero_grad_buffer
+            param.main_grad.zero_()
+            param.grad_added_to_main_grad = False
+        expected = [torch.zeros_like(plain), torch.zeros_like(fused_weight)]
+        for micro_batch in range(3):
+            x = torch.randn(6, 4, dtype=torch.float64)
+            (FusedLinear.apply(x @ plain.t(), fused_weight) ** 2).sum().backward()
+            with torch.enable_grad():
+                p, f = plain.detach().requires_grad_(), fused_weight.detach().requires_grad_()
+                (((x @ p.t()) @ f.t()) ** 2).sum().backward()
+            expected[0] += p.grad
+            expected[1] += f.grad
+        assert torch.allclose(plain.main_grad, expected[0]) and torch.allclose(fused_weight.main_grad, expected[1])

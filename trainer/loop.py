@@ -134,6 +134,7 @@ def build(recipe, run_dir: Path) -> Run:
         use_distributed_optimizer=meg.use_distributed_optimizer, average_in_collective=False)
     model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                      disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
+    fused.add_grads_by_hook(model)
     config.finalize_model_grads_func = finalize_grads
     config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     optim = recipe.optim
