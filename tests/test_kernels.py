@@ -158,6 +158,15 @@ def test_flex_attention_document_mask_keeps_each_token_inside_its_sample():
     assert torch.allclose(flex, dense, atol=1e-5)
     causal_only = layer.forward(q, k, v, None)  # a mask that let samples see each other would give this
     assert not torch.allclose(flex, causal_only, atol=1e-3)
+    # transformer-engine's THD form (its layer spec takes this path on short samples): the same
+    # rows laid end to end, [rows x length, heads, dim], attended row by row
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    params = PackedSeqParams(qkv_format="thd")
+    params.sample_ids = torch.from_numpy(sample)
+    thd = lambda t: t.transpose(0, 1).reshape(rows * length, *t.shape[2:])  # noqa: E731
+    out = attention.attend_packed_rows(thd(q), thd(k), thd(v), params, dim ** -0.5)
+    assert torch.allclose(out, thd(dense.view(length, rows, heads, dim)).reshape(rows * length, -1), atol=1e-5)
 
 
 @pytest.mark.parametrize("weight_trains", [True, False], ids=["full", "frozen-output"])

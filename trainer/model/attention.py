@@ -11,6 +11,9 @@ across two (FlexAttention for rows of many short samples); elsewhere the same bo
 a dense mask for SDPA. megatron-core passes the attention mask through to core attention
 untouched, so the int32 boundaries travel in its place. Under context parallelism they arrive
 as this rank's pieces of each sample (trainer.model.cp_attention).
+
+With transformer-engine, its own core attention runs, except on micro-batches of short samples,
+where FlexAttention is faster than its fused kernels (`te_attention_for_short_samples`).
 """
 
 from __future__ import annotations
@@ -131,30 +134,37 @@ _TE_ATTENTION = []
 
 def te_attention_for_short_samples():
     """transformer-engine's core attention, except on micro-batches of short packed samples,
-    which go through FlexAttention as on the TE-free path: cuDNN's fused attention over
-    packed (THD) samples of 8-32 tokens took 42 ms of a 205 GPU-ms step of the 8-layer benchmark
-    model, where the TE-free step with FlexAttention ran 7% faster (bench/README.md). Such a
-    micro-batch arrives with a block mask on its packed-sequence parameters (collate, then
-    `prepare_block_mask`). No sample crosses a row, so the THD tokens are attended as the rows
-    they were packed in: the block mask is the TE-free path's, [rows, length]."""
+    which go through FlexAttention as on the TE-free path: cuDNN's fused attention over packed
+    (THD) samples of 8-32 tokens took 42 of 205 GPU-ms a step of the 8-layer benchmark model.
+    With FlexAttention the TE step ran 13% faster there and 7% on the Qwen3-30B-A3B slice
+    (bench/README.md). Such a micro-batch arrives with a block mask on its packed-sequence
+    parameters (collate, then `prepare_block_mask`)."""
     if not _TE_ATTENTION:
         from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
         class TEAttention(TEDotProductAttention):
             def forward(self, query, key, value, attention_mask, *args, packed_seq_params=None, **kwargs):
-                block_mask = getattr(packed_seq_params, "block_mask", None)
-                if block_mask is None:
+                if getattr(packed_seq_params, "block_mask", None) is None:
                     return super().forward(query, key, value, attention_mask, *args,
                                            packed_seq_params=packed_seq_params, **kwargs)
-                rows, length = packed_seq_params.sample_ids.shape
                 scale = self.config.softmax_scale or query.shape[-1] ** -0.5
-                # [rows x length, heads, dim] -> [rows, heads, length, dim]
-                q, k, v = (t.view(rows, length, *t.shape[1:]).transpose(1, 2) for t in (query, key, value))
-                out = _flex(True)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-                return out.transpose(1, 2).reshape(query.shape[0], -1)
+                return attend_packed_rows(query, key, value, packed_seq_params, scale)
 
         _TE_ATTENTION.append(TEAttention)
     return _TE_ATTENTION[0]
+
+
+def attend_packed_rows(query, key, value, packed_seq_params, scale: float) -> torch.Tensor:
+    """FlexAttention over THD micro-batches: [rows x length, heads, dim] -> [rows x length,
+    heads x dim], each row's samples under the packed-sequence parameters' block mask (built
+    from `sample_ids` [rows, length]: no sample crosses a row)."""
+    rows, length = packed_seq_params.sample_ids.shape
+    block_mask = getattr(packed_seq_params, "block_mask", None)
+    if block_mask is None:
+        block_mask = _document_mask(packed_seq_params.sample_ids)
+    q, k, v = (t.view(rows, length, *t.shape[1:]).transpose(1, 2) for t in (query, key, value))
+    out = _flex(q.is_cuda)(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2).reshape(query.shape[0], -1)
 
 
 def boundaries_to_mask(cu_seqlens: torch.Tensor, rows: int, length: int) -> torch.Tensor:
