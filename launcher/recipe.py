@@ -122,6 +122,11 @@ class MegatronSection:
     grad_offload: bool = False
     optimizer_offload: bool = False
     grad_reduce_in_fp32: bool = True  # false: bf16 gradient buffers (half the gradient memory)
+    # Data-parallel gradient reduce launched bucket by bucket during the last micro-batch's
+    # backward, and the distributed optimizer's parameter all-gather during the next forward
+    # (megatron-core's DDP), instead of after and before them.
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
     dist_checkpointing_path: Optional[str] = None  # initial weights, converted by `launcher convert`
 
 
@@ -285,6 +290,9 @@ def _check(recipe: Recipe, path: Path, lines) -> None:
         bad("megatron.param_offload", "true is not supported: every SFT step needs the weights on the GPU, so "
             "there is nothing to offload; use optimizer_offload (Adam states and master weights in host memory) "
             "and grad_offload")
+    if recipe.megatron.overlap_param_gather and not recipe.megatron.use_distributed_optimizer:
+        bad("megatron.overlap_param_gather", "true needs megatron.use_distributed_optimizer: true (only the "
+            "distributed optimizer gathers parameters); set one or the other")
     if recipe.megatron.sequence_parallel and recipe.megatron.tensor_model_parallel_size == 1:
         bad("megatron.sequence_parallel", "true needs megatron.tensor_model_parallel_size > 1; set it to false")
     if not _TIME.fullmatch(recipe.job.time_limit):

@@ -144,6 +144,11 @@ def test_speed_model_costs_what_each_layout_pays():
     on_gpu = speed_of("megatron.optimizer_offload=false")
     assert "host_offload" not in on_gpu.parts and on_gpu.parts["optimizer"] > 0
     assert offload.tokens_per_s_per_gpu < on_gpu.tokens_per_s_per_gpu
+    # overlapped DDP: the gradient reduce and weight gather hide under compute, never below zero
+    plain = speed_of("trainer.nnodes=8")  # DP 2
+    overlapped = speed_of("trainer.nnodes=8", "megatron.overlap_grad_reduce=true", "megatron.overlap_param_gather=true")
+    assert 0 <= overlapped.parts["grad_reduce"] < plain.parts["grad_reduce"]
+    assert overlapped.tokens_per_s_per_gpu > plain.tokens_per_s_per_gpu
     assert base.bottleneck in {"compute", "ep_alltoall", "tp_comm", "cp_comm", "pp_comm", "pp_bubble", "grad_reduce",
                                "optimizer", "host_offload"}
 

@@ -97,6 +97,25 @@ def test_grad_offload_releases_gradients_without_changing_training(tmp_path, ini
     assert (tmp_path / "checkpoints" / "step_000003").is_dir()
 
 
+def test_overlapped_gradient_reduce_and_parameter_gather_train_and_save_like_the_baseline(
+        tmp_path, init_checkpoint, baseline):
+    """megatron.overlap_grad_reduce and overlap_param_gather (the dense weights are data-parallel
+    over the 2 ranks): the baseline's losses, and its checkpoint at step 3 - written after an
+    optimizer step whose weights the other rank would only gather in the next forward - resumed
+    without overlap gives the baseline's last three losses."""
+    _, expected = baseline
+    _, _, metrics = train(tmp_path / "overlap", f"megatron.dist_checkpointing_path={init_checkpoint}",
+                          "trainer.total_training_steps=6", *STEADY, "megatron.expert_model_parallel_size=2",
+                          "trainer.save_freq=3", "megatron.overlap_grad_reduce=true", "megatron.overlap_param_gather=true")
+    assert losses(metrics) == pytest.approx(expected, rel=1e-5)
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    shutil.copytree(tmp_path / "overlap" / "checkpoints" / "step_000003", checkpoints / "step_000003")
+    (checkpoints / "latest").write_text("step_000003\n")
+    _, log, metrics = train(tmp_path / "resumed", "trainer.total_training_steps=6", *STEADY,
+                            "megatron.expert_model_parallel_size=2")
+    assert "at step 3" in log and losses(metrics) == pytest.approx(expected[3:], rel=1e-5)
+
+
 def test_save_under_ep2_resume_under_ep1(tmp_path, baseline):
     run, expected = baseline
     checkpoints = tmp_path / "checkpoints"

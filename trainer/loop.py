@@ -130,8 +130,9 @@ def build(recipe, run_dir: Path) -> Run:
         _mark_replicated_experts(chunk, meg)
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=meg.grad_reduce_in_fp32, overlap_grad_reduce=False,
-        use_distributed_optimizer=meg.use_distributed_optimizer, average_in_collective=False)
+        grad_reduce_in_fp32=meg.grad_reduce_in_fp32, overlap_grad_reduce=meg.overlap_grad_reduce,
+        overlap_param_gather=meg.overlap_param_gather, use_distributed_optimizer=meg.use_distributed_optimizer,
+        average_in_collective=False)
     model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                      disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
     fused.add_grads_by_hook(model)
@@ -408,6 +409,25 @@ def empty_row(like):
     return Row(like.tokens.copy(), like.labels.copy(), like.loss_mask * 0, like.sample.copy())
 
 
+@contextmanager
+def parameters_gathered(run: Run):
+    """The model's weights as the last optimizer step left them, for a checkpoint or a validation
+    pass. With megatron.overlap_param_gather the updated shards reach the other data-parallel
+    ranks bucket by bucket during the next forward (DDP's forward pre-hooks): a checkpoint
+    written in between would hold the previous step's weights. Gather them all now, and keep
+    the pre-hooks off meanwhile, as megatron-core's own training loop does."""
+    if not run.recipe.megatron.overlap_param_gather:
+        yield
+        return
+    for chunk in run.model:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in run.model:
+            chunk.enable_forward_pre_hook()
+
+
 def offload_grads(run: Run, offload: bool) -> None:
     """megatron.grad_offload: the gradient buffers hold nothing during validation and checkpoint
     writes, so their memory is released then and re-allocated (zeroed) for the next step."""
@@ -533,6 +553,10 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
     recent_losses: list[float] = []  # for the loss-spike alert
 
     def save() -> None:
+        with parameters_gathered(run):
+            save_gathered()
+
+    def save_gathered() -> None:
         offload_grads(run, True)
         everyone = gathered(({s: positions[s] for s in my_slots}, dict(train_data.counts)), data_ranks)
         slots = {slot: at for held, _ in everyone for slot, at in held.items()}
@@ -549,7 +573,8 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
 
     def validation_pass() -> None:
         offload_grads(run, True)
-        val_loss = validate(run, val_rows)
+        with parameters_gathered(run):
+            val_loss = validate(run, val_rows)
         offload_grads(run, False)
         if val_loss is not None:
             log.log({"step": step, "val_loss": val_loss})

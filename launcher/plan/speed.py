@@ -9,13 +9,16 @@ step, on the slowest pipeline stage of one GPU:
   experts' grouped products lose efficiency as the tokens per expert shrink
   (t / (t + EXPERT_TOKENS_HALF)), plus a fixed host time per layer and micro-batch (the
   trainer launches its kernels from Python);
-- communication, not overlapped with compute (the trainer runs megatron-core's DDP without
-  overlap): EP all-to-all of the routed tokens (4 per MoE layer and micro-batch), TP/SP
+- communication, not overlapped with compute except where the recipe turns on megatron-core's
+  DDP overlap (below): EP all-to-all of the routed tokens (4 per MoE layer and micro-batch), TP/SP
   all-gathers and reduce-scatters (3 per attention block and per TP-split MLP: megatron-core
   runs the column-parallel backward's two under its GEMMs), CP's key/value
   all-gather and its gradient's reduce-scatter, PP's activations between stages, and once per
   step the distributed optimizer's gradient reduce-scatter and parameter all-gather over
-  data-parallel ranks; over NVLink while the group stays inside a node, else the network;
+  data-parallel ranks; over NVLink while the group stays inside a node, else the network.
+  megatron.overlap_grad_reduce hides the reduce-scatter under the last micro-batch's backward
+  (2/3 of its compute) and overlap_param_gather the all-gather under the first one's forward
+  (1/3); what is longer than that stays exposed;
 - PP bubble: (PP - 1) / VPP micro-batch times on top of the micro-batches of the step (1F1B);
 - optimizer: Adam over this GPU's shard from GPU memory, or with optimizer_offload over PCIe
   and the host's CPU.
@@ -188,7 +191,14 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
                                     + shard / (hw.host_adam_gparams_s * 1e9))
     else:
         per_step["optimizer"] = shard * ADAM_BYTES_PER_PARAM / (hw.hbm_tb_s * 1e12)
-    per_step["grad_reduce"] = reduce
+    # overlapped: each part hides under the compute of one micro-batch's backward (2/3 of it,
+    # the gradients' reduce-scatter) or forward (1/3, the weights' all-gather)
+    micro_batch = parts[slowest]["compute"]
+    gradients = reduce * grad_bytes / (grad_bytes + bf16)
+    hidden = min(gradients, 2 / 3 * micro_batch) if meg.overlap_grad_reduce else 0.0
+    if meg.overlap_param_gather and meg.use_distributed_optimizer:
+        hidden += min(reduce - gradients, micro_batch / 3)
+    per_step["grad_reduce"] = reduce - hidden
     step = sum(per_step.values())
     step_tokens = recipe.data.global_batch_size * seq
     return Speed(step_s=step, tokens_per_s_per_gpu=step_tokens / step / layout.world_size,
