@@ -88,8 +88,8 @@ def run(args) -> None:
 _PLANS: dict = {}
 
 
-def estimate(row: dict, gpus_per_node: int, gpu_type: str, fitted: dict) -> dict:
-    from launcher.cluster import Cluster
+def estimate(row: dict, gpus_per_node: int, gpu_type: str, fitted: dict, te: bool = False) -> dict:
+    from launcher.cluster import Cluster, HardwareSection
     from launcher.plan.layout import plan_layout
     from launcher.plan.models import read_model
     from launcher.plan.speed import estimate_speed, hardware
@@ -101,22 +101,24 @@ def estimate(row: dict, gpus_per_node: int, gpu_type: str, fitted: dict) -> dict
         model = read_model(recipe.model.path)
         _PLANS[key] = recipe, model, plan_layout(recipe, model, gpus_per_node)
     recipe, model, layout = _PLANS[key]
-    hw = dataclasses.replace(hardware(Cluster(name="bench", backend="local", gpu_type=gpu_type)), **fitted)
+    cluster = Cluster(name="bench", backend="local", gpu_type=gpu_type, hardware=HardwareSection(transformer_engine=te))
+    hw = dataclasses.replace(hardware(cluster), **fitted)
     speed = estimate_speed(recipe, model, layout, hw, gpus_per_node)
     return {"tokens_per_s_per_gpu": round(speed.tokens_per_s_per_gpu, 1), "bottleneck": speed.bottleneck,
             "parts_s": speed.parts}
 
 
-def fit(groups: list[tuple[list[dict], int, str, dict]], grid: dict) -> dict:
+def fit(groups: list[tuple[list[dict], int, str, dict, bool]], grid: dict) -> dict:
     """The grid point (every combination of grid's values) with the least squared relative error
-    over the groups' rows; a group is (rows, GPUs per node, GPU type, the constants fixed for it)."""
+    over the groups' rows; a group is (rows, GPUs per node, GPU type, the constants fixed for it,
+    whether they ran transformer-engine)."""
     import itertools
 
     best, best_error = None, None
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values))
-        error = sum((estimate(r, gpus, gpu_type, {**fixed, **point})["tokens_per_s_per_gpu"] / r["tokens_per_s"] - 1) ** 2
-                    for rows, gpus, gpu_type, fixed in groups for r in rows)
+        error = sum((estimate(r, gpus, gpu_type, {**fixed, **point}, te)["tokens_per_s_per_gpu"] / r["tokens_per_s"]
+                     - 1) ** 2 for rows, gpus, gpu_type, fixed, te in groups for r in rows)
         if best_error is None or error < best_error:
             best, best_error = point, error
     return best
@@ -156,37 +158,50 @@ def pairs_out_of_order(rows: list[dict]) -> list[str]:
 def compare(args) -> None:
     """For each results file (one machine each), the matmul utilisation and host time per layer
     fitted on its one-GPU rows; the collective and EP sync times fitted once on the multi-GPU rows
-    of all files together, and again leaving each file out (its rows then predicted, not fitted)."""
+    of all TE-free files together, and again leaving each file out (its rows then predicted, not
+    fitted); for files run with transformer-engine, its `mfu` on their one-GPU rows and the time
+    of its context-parallel ring on their multi-GPU rows, the collectives as fitted TE-free."""
     files = [(Path(f), json.loads(Path(f).read_text())) for f in args.results]
     machines = []
     for path, result in files:
         rows = repeats_averaged([r for r in result["rows"] if "tokens_per_s" in r])
         gpu_type = result["device"].split(" x ", 1)[1]
         gpus = max(r["gpus"] for r in rows)
-        single = fit([([r for r in rows if r["gpus"] == 1], gpus, gpu_type, {})],
-                     {"mfu": [m / 100 for m in range(10, 71)], "layer_overhead_ms": [o / 4 for o in range(0, 41)]})
+        te = bool(result.get("transformer_engine"))
+        singles = [r for r in rows if r["gpus"] == 1]
+        grid = {"mfu": [m / 100 for m in range(10, 71)]}
+        if len({r["micro_batch_size"] for r in singles}) > 1:  # one size: the host time stays the table's
+            grid["layer_overhead_ms"] = [o / 4 for o in range(0, 41)]
+        single = fit([(singles, gpus, gpu_type, {}, te)], grid)
         machines.append({"path": path, "result": result, "rows": rows, "gpu_type": gpu_type, "gpus": gpus,
-                         "single": single})
+                         "single": single, "te": te})
 
     def fit_collectives(chosen):
-        chosen = [m for m in chosen if m["gpus"] > 1]
+        chosen = [m for m in chosen if m["gpus"] > 1 and not m["te"]]
         if not chosen:
             return None
-        return fit([([r for r in m["rows"] if r["gpus"] > 1], m["gpus"], m["gpu_type"], m["single"]) for m in chosen],
+        return fit([([r for r in m["rows"] if r["gpus"] > 1], m["gpus"], m["gpu_type"], m["single"], False)
+                    for m in chosen],
                    {"collective_ms": [c / 10 for c in range(0, 41)], "ep_sync_ms": [e / 2 for e in range(0, 25)]})
 
     joint = fit_collectives(machines)
-    check = {"fitted_collectives_on_all": joint, "machines": []}
+    te_machines = [m for m in machines if m["te"] and m["gpus"] > 1]
+    te_ring = fit([([r for r in m["rows"] if r["gpus"] > 1], m["gpus"], m["gpu_type"], {**m["single"], **joint}, True)
+                   for m in te_machines], {"te_cp_ring_ms": [t / 4 for t in range(0, 41)]}) if te_machines else {}
+    check = {"fitted_collectives_on_all": joint, "fitted_te_ring": te_ring, "machines": []}
     for m in machines:
         held_out = fit_collectives([o for o in machines if o is not m]) if len(machines) > 1 else None
-        entry = {"source": m["path"].name, "device": m["result"]["device"], "fitted_on_one_gpu": m["single"],
+        if m["te"]:  # the collectives never came from its rows: as fitted is as predicted
+            held_out = None
+        entry = {"source": m["path"].name, "device": m["result"]["device"], "transformer_engine": m["te"],
+                 "fitted_on_one_gpu": m["single"],
                  "collectives_fitted_without_this_machine": held_out, "rows": []}
         for label, collectives in [("fitted", joint), ("predicted", held_out)]:
             if collectives is None:
                 continue
-            point = {**m["single"], **collectives}
+            point = {**m["single"], **collectives, **(te_ring if m["te"] else {})}
             for r in m["rows"]:
-                est = estimate(r, m["gpus"], m["gpu_type"], point)
+                est = estimate(r, m["gpus"], m["gpu_type"], point, m["te"])
                 entry["rows"].append({"constants": label, "layout": r["layout"], "gpus": r["gpus"],
                                       "micro_batch_size": r["micro_batch_size"],
                                       "measured_tokens_per_s_per_gpu": r["tokens_per_s"],
@@ -219,7 +234,7 @@ def compare(args) -> None:
                           f"{' > '.join(e['order_estimated'])}; {n * (n - 1) // 2 - len(e['pairs_out_of_order'])} of "
                           f"{n * (n - 1) // 2} pairs in order, out: {e['pairs_out_of_order']}")
                 print(f"  {label}: worst error {entry[label]['worst_error']:.0%}")
-    print("collectives fitted on all:", joint)
+    print("collectives fitted on all:", joint, "; transformer-engine's ring:", te_ring)
     out = Path(args.output)
     out.write_text(json.dumps(check, indent=1))
     print("wrote", out)

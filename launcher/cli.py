@@ -196,7 +196,8 @@ def search_text(args, cluster, recipe, result, rows) -> str:
     hw = hardware(cluster)
     lines = [f"recipe      {args.recipe} on cluster {cluster.name}: {recipe.world_size} x "
              f"{cluster.gpu_type or 'GPU'} of {cluster.gpu_memory_gib:g} GiB; speed estimated for {hw.name} "
-             f"at {hw.mfu:.0%} of {hw.peak_tflops:g} TFLOP/s (README: how the search estimates speed)",
+             f"{'with transformer-engine ' if hw.transformer_engine else ''}at {hw.mfu:.0%} of "
+             f"{hw.peak_tflops:g} TFLOP/s (README: how the search estimates speed)",
              f"searched    {result.valid_layouts} layouts megatron-core accepts (with micro-batch sizes); "
              f"{len(result.candidates)} fit",
              ""]

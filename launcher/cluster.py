@@ -91,6 +91,9 @@ class HardwareSection:
     nvlink_gb_s: Optional[float] = None  # per GPU inside a node, as collectives achieve it
     network_gb_s: Optional[float] = None  # per GPU across nodes
     host_gb_s: Optional[float] = None  # GPU <-> host memory
+    # Whether the jobs run transformer-engine's layers (the project's image has it); default:
+    # yes on Slurm and Kubernetes GPU clusters, no elsewhere
+    transformer_engine: Optional[bool] = None
 
 
 @dataclass

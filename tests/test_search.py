@@ -161,3 +161,17 @@ def test_a_profile_can_give_its_own_hardware_figures(tmp_path):
     fast = speed_of()
     slow = speed_of(cluster=str(tmp_path / "slow.yaml"))
     assert slow.tokens_per_s_per_gpu < fast.tokens_per_s_per_gpu
+
+
+def test_the_speed_model_estimates_the_path_the_jobs_run(tmp_path):
+    """GPU clusters run the image's transformer-engine: its utilisation, and its ring under CP
+    (measured on two H200s: CP2 the slowest two-GPU layout with it, third without it); a
+    profile can say its jobs run without it."""
+    assert hardware(load_cluster("slurm")).transformer_engine and not hardware(load_cluster("local")).transformer_engine
+    profile = (REPO / "clusters" / "slurm.yaml").read_text() + "hardware:\n  transformer_engine: false\n"
+    (tmp_path / "te-free.yaml").write_text(profile)
+    cp = "megatron.context_parallel_size=2"
+    with_te = speed_of(cp, name="mixtral_8x7b")
+    without = speed_of(cp, name="mixtral_8x7b", cluster=str(tmp_path / "te-free.yaml"))
+    assert with_te.parts["cp_comm"] > without.parts["cp_comm"] > 0
+    assert with_te.parts["compute"] < without.parts["compute"]

@@ -5,7 +5,8 @@ step, on the slowest pipeline stage of one GPU:
 
 - compute: the stage's FLOPs (6 x matmul parameters per token, plus causal attention over
   full rows, x 4/3 with full recompute) spread evenly over the TP x CP GPUs of a replica, at
-  the GPU's peak times the utilisation the trainer measured (`Hardware.mfu`); the routed
+  the GPU's peak times the utilisation the trainer measured (`Hardware.mfu`, or `te_mfu` on
+  transformer-engine's path, which the jobs of the project's image run); the routed
   experts' grouped products lose efficiency as the tokens per expert shrink
   (t / (t + EXPERT_TOKENS_HALF)), plus a fixed host time per layer and micro-batch (the
   trainer launches its kernels from Python);
@@ -13,7 +14,8 @@ step, on the slowest pipeline stage of one GPU:
   DDP overlap (below): EP all-to-all of the routed tokens (4 per MoE layer and micro-batch), TP/SP
   all-gathers and reduce-scatters (3 per attention block and per TP-split MLP: megatron-core
   runs the column-parallel backward's two under its GEMMs), CP's key/value
-  all-gather and its gradient's reduce-scatter, PP's activations between stages, and once per
+  all-gather and its gradient's reduce-scatter (with transformer-engine, plus a fixed time per
+  step of its ring), PP's activations between stages, and once per
   step the distributed optimizer's gradient reduce-scatter and parameter all-gather over
   data-parallel ranks; over NVLink while the group stays inside a node, else the network.
   megatron.overlap_grad_reduce hides the reduce-scatter under the last micro-batch's backward
@@ -47,6 +49,7 @@ class Hardware:
     name: str
     peak_tflops: float  # dense bf16, the vendor's figure
     mfu: float  # of the peak, what the trainer's matmuls reach (bench/results, one GPU, long rows)
+    te_mfu: float  # the same with transformer-engine (its layer spec, cuDNN attention on long rows)
     layer_overhead_ms: float  # host time per layer per micro-batch, forward and backward
     collective_ms: float  # fixed time of one collective inside a node (launch, latency, the stream waits); x2 across
     ep_sync_ms: float  # per MoE layer and micro-batch under EP: the host reads the token counts before the all-to-all
@@ -55,28 +58,39 @@ class Hardware:
     network_gb_s: float  # per GPU, achieved across nodes (400 Gb/s InfiniBand per GPU)
     host_gb_s: float  # PCIe to host memory, per GPU
     host_adam_gparams_s: float  # CPU Adam throughput per GPU's share of the host
+    # transformer-engine's context parallelism passes key/value chunks round a ring of the CP
+    # ranks, with an attention call and a merge of partial results per step: this much per layer
+    # and micro-batch for each ring step after the first, forward and backward together
+    te_cp_ring_ms: float
+    transformer_engine: bool = False  # the path the jobs run (hardware() decides from the profile)
 
 
 # Measured (bench/results/layouts_check.json, `bench/layouts.py compare`): mfu and layer
 # overhead fitted on one GPU of each kind (qwen3_moe_8l, one long sample per row, micro-batches 2
-# to 8); the collective and EP sync times on two machines of four H200s together. Peaks, memory,
+# to 8); the collective and EP sync times on two machines of four H200s together; te_mfu and
+# te_cp_ring_ms on one machine of two H200s with transformer-engine (its one-GPU row, then its CP=2
+# row), and the H100's te_mfu scaled from it by the H200's ratio (not measured). Peaks, memory,
 # NVLink, network and PCIe figures are the datasheets' at the fraction collectives reach.
 GPUS = {
-    "H100": Hardware("H100", 989.0, 0.38, 2.25, 0.8, 1.5, 3.35, 300.0, 40.0, 25.0, 0.5),
-    "H200": Hardware("H200", 989.0, 0.41, 2.5, 0.8, 1.5, 4.8, 300.0, 40.0, 25.0, 0.5),
-    "A100": Hardware("A100", 312.0, 0.38, 2.25, 0.8, 1.5, 2.0, 200.0, 20.0, 20.0, 0.5),  # H100's, untested
-    "B200": Hardware("B200", 2250.0, 0.38, 2.5, 0.8, 1.5, 8.0, 600.0, 40.0, 50.0, 0.5),  # likewise
+    "H100": Hardware("H100", 989.0, 0.38, 0.49, 2.25, 0.8, 1.5, 3.35, 300.0, 40.0, 25.0, 0.5, 2.75),
+    "H200": Hardware("H200", 989.0, 0.41, 0.53, 2.5, 0.8, 1.5, 4.8, 300.0, 40.0, 25.0, 0.5, 2.75),
+    "A100": Hardware("A100", 312.0, 0.38, 0.49, 2.25, 0.8, 1.5, 2.0, 200.0, 20.0, 20.0, 0.5, 2.75),  # H100's, untested
+    "B200": Hardware("B200", 2250.0, 0.38, 0.49, 2.5, 0.8, 1.5, 8.0, 600.0, 40.0, 50.0, 0.5, 2.75),  # likewise
 }
 DEFAULT_GPU = "H100"
 
 
 def hardware(cluster: Cluster) -> Hardware:
     """The table's entry whose name appears in the profile's gpu_type (H100 when none does),
-    with the figures the profile's `hardware` section gives over it."""
+    for the path the profile's jobs run: transformer-engine where they run the project's image
+    (Slurm and Kubernetes GPU clusters) unless `hardware.transformer_engine` says otherwise;
+    `mfu` is then the path's. The figures the profile's `hardware` section gives go over it."""
     gpu_type = cluster.gpu_type or ""
     name = next((n for n in GPUS if n.lower() in gpu_type.lower()), DEFAULT_GPU)
     given = {k: v for k, v in dataclasses.asdict(cluster.hardware).items() if v is not None}
-    return replace(GPUS[name], **given)
+    te = given.pop("transformer_engine", cluster.backend in ("slurm", "kubernetes") and not cluster.on_cpu)
+    table = GPUS[name]
+    return replace(table, **{"transformer_engine": te, "mfu": table.te_mfu if te else table.mfu, **given})
 
 
 @dataclass(frozen=True)
@@ -165,6 +179,8 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
         ep_comm = collective(rank_tokens * model.topk * model.hidden * bf16, ep, etp * ep, 4 * n_moe)
         ep_comm += n_moe * hw.ep_sync_ms / 1e3 if ep > 1 else 0.0
         cp_comm = collective(tokens * kv_width * bf16, cp, tp * cp, 2 * n_layers)
+        if hw.transformer_engine:  # its ring's steps, each a call, an exchange and a merge
+            cp_comm += (cp - 1) * n_layers * hw.te_cp_ring_ms / 1e3
         pp_comm = collective(rank_tokens * model.hidden * bf16 * 2, 2, tp * cp * layout.dp * 2, 2) if pp > 1 else 0.0
         stage_parts = {"compute": compute, "ep_alltoall": ep_comm, "tp_comm": tp_comm, "cp_comm": cp_comm,
                        "pp_comm": pp_comm}

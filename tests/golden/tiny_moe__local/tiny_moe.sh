@@ -66,6 +66,8 @@ megatron:
   grad_offload: false
   optimizer_offload: false
   grad_reduce_in_fp32: true
+  overlap_grad_reduce: false
+  overlap_param_gather: false
   dist_checkpointing_path: null
 optim:
   lr: 0.003
