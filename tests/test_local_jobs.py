@@ -7,6 +7,7 @@ import time
 import pytest
 
 from tests.conftest import RECIPES, run_launcher
+from tests.trainer_helpers import job_processes
 
 pytest.importorskip("megatron.core")
 
@@ -114,7 +115,7 @@ def test_cancel(home):
     _, profile, env = home
     rc, out, err = run_launcher("submit", RECIPES / "tiny_moe.yaml", "--cluster", profile, "--json",
                                 "trainer.total_training_steps=100000", env=env)
-    job_id = json.loads(out.splitlines()[-1])["job_id"]
+    job_id, run_dir = (json.loads(out.splitlines()[-1])[k] for k in ("job_id", "run_dir"))
     deadline = time.time() + 120
     status = {}
     while time.time() < deadline and (status.get("step") or 0) < 2:
@@ -130,9 +131,14 @@ def test_cancel(home):
         run_launcher("status", job_id, "--watch", "1", env=env, timeout=4)
     out = watched.value.stdout or b""
     assert (out.decode() if isinstance(out, bytes) else out).count("state        RUNNING") >= 2
+    assert len(job_processes(run_dir)) >= 3  # torchrun, its 2 ranks (and their data workers)
     rc, out, _ = run_launcher("cancel", job_id, env=env, timeout=60)
     assert rc == 0
     assert json.loads(run_launcher("status", job_id, "--json", env=env)[1])["state"] == "CANCELLED"
+    deadline = time.time() + 30  # nothing of the job keeps running (on a GPU node: holding its memory)
+    while job_processes(run_dir) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not job_processes(run_dir)
 
 
 def test_unknown_job_is_one_line(home):

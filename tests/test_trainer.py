@@ -297,6 +297,40 @@ def test_a_save_that_cannot_be_written_stops_the_job_and_keeps_the_previous_chec
             subprocess.run(["umount", str(ckpts.parent)])
 
 
+def test_ranks_end_when_torchrun_is_killed(tmp_path):
+    """torchrun SIGKILLed mid-training (it can stop nothing then): its ranks and their data
+    workers end within seconds instead of training on without it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+    from tests.trainer_helpers import job_processes, training_processes, write_recipe
+
+    config = write_recipe(tmp_path, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=200",
+                          "data.val_files=[]", "trainer.save_freq=-1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "trainer", "--config", str(config)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+            time.sleep(0.2)
+        assert len(training_processes(str(config))) == 2
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline and job_processes(str(config)):
+            time.sleep(0.2)
+        assert not job_processes(str(config))
+    finally:
+        for pid in job_processes(str(config)):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_a_hung_rank_fails_the_job_within_the_collective_timeout(tmp_path):
     """One of two ranks stops (SIGSTOP) in the middle of training: the other waits out
     trainer.collective_timeout_s in a collective and the job ends with one line naming the step

@@ -38,6 +38,20 @@ def train(run_dir: Path, *overrides: str, nproc: int = 2, recipe: Path = TINY, c
     return proc.returncode, log, metrics
 
 
+def job_processes(text: str) -> list[int]:
+    """Live processes whose command line holds `text` (a run's recipe or directory): torchrun,
+    its ranks, their data workers and tokenisers."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") \
+                    and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(proc.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
 def training_processes(config: str) -> list[int]:
     """The pids of the trainer processes started with this recipe file: torchrun's children,
     not torchrun, and not their forked data workers (trainer.data.batches.prefetch)."""
