@@ -29,12 +29,13 @@ there (the CPU runs the plain code the tests check against):
 - grad_add: the bf16 gradients that autograd hands megatron-core's DDP (experts, embedding,
   output layer, norms, router) added into the fp32 main gradient by one vectorised kernel, from
   a hook that runs before DDP's. torch's own add of a bf16 tensor into an fp32 one casts element
-  by element without vector loads: about half the memory bandwidth, 23 ms of a 299 ms step of
+  by element without vector loads: about half the memory bandwidth, 23 of 269 GPU-ms a step of
   the Qwen3-30B-A3B slice (bench/README.md). The hook runs on the CPU too (a plain add there),
   so the CPU tests train through it.
 
 With transformer-engine (trainer.model.build) its own layers, attention, optimizer and gradient
-norm replace most of the above (the experts and token permutation stay the trainer's), and
+norm replace most of the above (the experts, the token permutation, FlexAttention for short
+samples, the output loss and grad_add stay the trainer's), and
 megatron-core's fusions through it are turned on: rope, swiglu (bias_activation_fusion),
 cross_entropy and router.
 
