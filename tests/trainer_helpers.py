@@ -52,6 +52,34 @@ def job_processes(text: str) -> list[int]:
     return found
 
 
+def _parents() -> dict[int, int]:
+    """Each live (not zombie) process's parent."""
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if proc.name.isdigit() and fields[0] != "Z":
+            parents[int(proc.name)] = int(fields[1])
+    return parents
+
+
+def descendants(root: int) -> list[int]:
+    """The live processes under `root`: children, grandchildren and so on."""
+    parents, found, frontier = _parents(), [], {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier}
+        found.extend(sorted(frontier))
+    return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    """Those of `pids` still running, wherever they now hang (re-parented to init or not)."""
+    parents = _parents()
+    return [pid for pid in pids if pid in parents]
+
+
 def training_processes(config: str) -> list[int]:
     """The pids of the trainer processes started with this recipe file: torchrun's children,
     not torchrun, and not their forked data workers (trainer.data.batches.prefetch)."""

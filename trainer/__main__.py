@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import math
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -16,7 +15,10 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, type=Path, help="the resolved recipe")
     parser.add_argument("--run-dir", type=Path, help="metrics and logs go here (default: the config's folder)")
     args = parser.parse_args(argv)
-    end_with_torchrun()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank ends with torchrun (trainer.lifetime says why)
+        from trainer.lifetime import end_with_parent
+
+        end_with_parent()
     run_dir = args.run_dir or args.config.resolve().parent
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -56,22 +58,6 @@ def main(argv=None) -> int:
     except CollectiveTimeout as err:  # a hung or dead rank: one line, the job fails
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
-
-
-def end_with_torchrun() -> None:
-    """Under torchrun, end this rank when torchrun ends. Its workers run in sessions of their own,
-    so once torchrun itself is SIGKILLed (a time-out's kill, the kernel's out-of-memory killer)
-    nothing stops them: two ranks went on training for minutes re-parented to init, and on a GPU
-    node they would keep its memory. Linux's parent-death signal kills the rank even while it
-    waits inside a collective. (Its own helper processes follow it: trainer.data.batches.)"""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # torchrun ended before the signal was armed
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":  # dist_checkpointing's writer starts processes that re-import this module

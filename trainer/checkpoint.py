@@ -154,7 +154,8 @@ def _start_writer_queue_without_our_output() -> None:
     spawns at the first save that inherits this process's stdout and stderr. When this process is
     killed (SIGKILL: a dead rank) the Manager outlives it, still holding the job's output streams,
     and Slurm waits a minute for them to close before it ends the step. Started here with its
-    output on /dev/null, it holds nothing of the job's."""
+    output on /dev/null, it holds nothing of the job's; and it ends with this process
+    (trainer.lifetime: killed ranks' Managers used to stay)."""
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:
@@ -169,12 +170,29 @@ def _start_writer_queue_without_our_output() -> None:
     try:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
-        filesystem_async._get_write_results_queue()
+        filesystem_async._results_queue = _manager_ending_with_us().Queue()
     finally:
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         for fd in (*saved, devnull):
             os.close(fd)
+
+
+_MANAGERS: list = []  # kept: a Manager shuts its process down once collected
+
+
+def _manager_ending_with_us():
+    """A multiprocessing Manager as megatron-core's writer makes it (spawned), whose process
+    ends with this one."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from trainer.lifetime import end_with_parent
+
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=end_with_parent)
+    _MANAGERS.append(manager)
+    return manager
 
 
 def save(root: Path, step: int, model_chunks, optimizer, scheduler, trainer_state: dict,

@@ -1,0 +1,29 @@
+"""A job's processes end with the process that started them.
+
+torchrun starts each rank in a session of its own, and a rank starts helpers (the data worker,
+megatron-core's checkpoint-writer Manager). When the parent is SIGKILLed - a time-out's kill, the
+kernel's out-of-memory killer, a dead rank - nothing stops its children: seen here, two CPU ranks
+trained on for minutes re-parented to init after torchrun was killed, and every killed rank left
+its checkpoint writer's Manager (273 MB) running; on a GPU node a rank would keep its memory.
+Linux's parent-death signal ends the child even while it waits inside a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def end_with_parent() -> None:
+    """SIGKILL this process when its parent ends (Linux; elsewhere nothing). Meant for the start
+    of a process, in its main thread: the signal fires when the thread that forked it ends."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent ended before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
