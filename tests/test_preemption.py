@@ -31,10 +31,23 @@ def start(run_dir, config):
 
 def kill_during_a_save(proc, checkpoints, saves_first: int, delay: float) -> bool:
     """Let `saves_first` saves finish, then SIGKILL the trainer `delay` seconds after the next
-    one starts (its step_N.tmp appears); False if the run finished first."""
+    one starts (its step_N.tmp appears); False if the run finished first. A step_N.tmp that an
+    earlier kill left behind is no save of this run (the trainer replaces it when it saves
+    step N): only folders made after the start count."""
+    def unfinished():
+        found = set()
+        for path in checkpoints.glob("step_*.tmp"):
+            try:
+                info = path.stat()
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            found.add((path.name, info.st_ino, info.st_ctime_ns))
+        return found
+
+    left_behind = unfinished()
     seen, saving = 0, False
     while proc.poll() is None:
-        now = any(p.name.endswith(".tmp") for p in checkpoints.glob("step_*"))
+        now = bool(unfinished() - left_behind)
         if now and not saving:
             if seen == saves_first:
                 time.sleep(delay)
