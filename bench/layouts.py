@@ -6,7 +6,7 @@ On a GPU machine (several GPUs of one host):
 
 runs `qwen3_moe_8l` on one GPU at the --calibrate micro-batch sizes and on --gpus GPUs in each
 layout (tp/etp/ep/pp/cp/vpp and a size, joined by '-'; ETP defaults to 1; `@N` after a layout
-runs it on N GPUs instead), 8 rows of 4096 tokens per GPU a step, one long sample per row (the
+runs it on N GPUs instead; `+VARIANT` after the sizes adds one of VARIANTS: `ep2+overlap@2`), 8 rows of 4096 tokens per GPU a step, one long sample per row (the
 attention work the estimate assumes), and writes the measurements to $OUT/NAME.json. A second
 `run` of the same NAME on the same machine adds its rows to the first's (kept in /tmp), so one
 machine's rows can span several calls. Then, on any machine:
@@ -33,7 +33,17 @@ MODEL = REPO / "bench" / "models" / "qwen3_moe_8l"
 ROWS_PER_GPU = 8
 
 
+# Options measured beside a layout: recipe overrides, and trainer pieces turned off (MOE_PLAIN_KERNELS).
+VARIANTS = {
+    "overlap": (["megatron.overlap_grad_reduce=true", "megatron.overlap_param_gather=true"], ""),
+    "allgather": (["model.override_config.moe_config.token_dispatcher=allgather"], ""),
+    "plain_grad_add": ([], "grad_add"),
+}
+
+
 def layout_overrides(spec: str) -> list[str]:
+    spec, _, variant = spec.partition("+")
+    spec = "ep1" if spec == "single" else spec
     sizes = {"tp": 1, "etp": 1, "ep": 1, "pp": 1, "cp": 1, "vpp": 1}
     for part in spec.split("-"):
         key = part.rstrip("0123456789")
@@ -42,7 +52,8 @@ def layout_overrides(spec: str) -> list[str]:
     return [f"{m}tensor_model_parallel_size={sizes['tp']}", f"{m}expert_tensor_parallel_size={sizes['etp']}",
             f"{m}expert_model_parallel_size={sizes['ep']}", f"{m}pipeline_model_parallel_size={sizes['pp']}",
             f"{m}context_parallel_size={sizes['cp']}", f"{m}sequence_parallel={str(sizes['tp'] > 1).lower()}",
-            f"{m}virtual_pipeline_model_parallel_size={sizes['vpp'] if sizes['vpp'] > 1 else 'null'}"]
+            f"{m}virtual_pipeline_model_parallel_size={sizes['vpp'] if sizes['vpp'] > 1 else 'null'}",
+            *(VARIANTS[variant][0] if variant else [])]
 
 
 def recipe_overrides(gpus: int, mb: int, layout: list[str], data_file: str) -> list[str]:
@@ -71,11 +82,13 @@ def run(args) -> None:
         spec, _, gpus = entry.partition("@")
         plan.append((int(gpus or args.gpus), args.mb, spec))
     for gpus, mb, spec in plan:
-        layout = layout_overrides("ep1" if spec == "single" else spec)
+        layout = layout_overrides(spec)
         # run_ours puts its own batch and EP first; ours come after and win
         overrides = recipe_overrides(gpus, mb, layout, data)
         profile = out / f"{args.name}.{spec}-g{gpus}.profile.json" if f"{spec}@{gpus}" == args.profile else None
-        row = gpu_speed.run_ours(f"{spec}-g{gpus}", MODEL, mb, overrides[1:], gpus=gpus, profile=profile, te=args.te)
+        plain = VARIANTS[spec.partition("+")[2]][1] if "+" in spec else ""
+        row = gpu_speed.run_ours(f"{spec}-g{gpus}", MODEL, mb, overrides[1:], plain=plain, gpus=gpus, profile=profile,
+                                 te=args.te)
         row.update(layout=spec, recipe_overrides=overrides)
         if profile is None:  # a profiled run is slower: its row stays out of the comparison
             result["rows"].append(row)

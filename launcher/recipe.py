@@ -127,6 +127,9 @@ class MegatronSection:
     # (megatron-core's DDP), instead of after and before them.
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # Parameters per gradient-reduce bucket; None: megatron-core's max(40M, 1M x data-parallel size).
+    # Smaller buckets start reducing earlier in the backward pass.
+    ddp_bucket_size: Optional[int] = None
     dist_checkpointing_path: Optional[str] = None  # initial weights, converted by `launcher convert`
 
 
@@ -269,6 +272,7 @@ def _check(recipe: Recipe, path: Path, lines) -> None:
         "trainer.log_every": recipe.trainer.log_every,
         "trainer.max_ckpt_to_keep": recipe.trainer.max_ckpt_to_keep,
         "trainer.collective_timeout_s": recipe.trainer.collective_timeout_s,
+        "megatron.ddp_bucket_size": recipe.megatron.ddp_bucket_size,
     }
     for key, name in [("tensor_model_parallel_size", "megatron.tensor_model_parallel_size"),
                       ("pipeline_model_parallel_size", "megatron.pipeline_model_parallel_size"),

@@ -100,13 +100,16 @@ def test_grad_offload_releases_gradients_without_changing_training(tmp_path, ini
 def test_overlapped_gradient_reduce_and_parameter_gather_train_and_save_like_the_baseline(
         tmp_path, init_checkpoint, baseline):
     """megatron.overlap_grad_reduce and overlap_param_gather (the dense weights are data-parallel
-    over the 2 ranks): the baseline's losses, and its checkpoint at step 3 - written after an
-    optimizer step whose weights the other rank would only gather in the next forward - holds
-    the baseline's weights at step 3."""
+    over the 2 ranks), in buckets of 20k parameters as a large model has them (each bucket's
+    gather is started by the previous one's, in forward order: a weight used outside its module's
+    forward broke that chain on GPUs): the baseline's losses, and its checkpoint at step 3 -
+    written after an optimizer step whose weights the other rank would only gather in the next
+    forward - holds the baseline's weights at step 3."""
     run, expected = baseline
     _, _, metrics = train(tmp_path, f"megatron.dist_checkpointing_path={init_checkpoint}",
                           "trainer.total_training_steps=6", *STEADY, "megatron.expert_model_parallel_size=2",
-                          "trainer.save_freq=3", "megatron.overlap_grad_reduce=true", "megatron.overlap_param_gather=true")
+                          "trainer.save_freq=3", "megatron.overlap_grad_reduce=true", "megatron.overlap_param_gather=true",
+                          "megatron.ddp_bucket_size=20000")
     assert losses(metrics) == pytest.approx(expected, rel=1e-5)
     saved = plain_tensors(tmp_path / "checkpoints" / "step_000003")
     reference = plain_tensors(run / "checkpoints" / "step_000003")

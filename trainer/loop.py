@@ -132,7 +132,7 @@ def build(recipe, run_dir: Path) -> Run:
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=meg.grad_reduce_in_fp32, overlap_grad_reduce=meg.overlap_grad_reduce,
         overlap_param_gather=meg.overlap_param_gather, use_distributed_optimizer=meg.use_distributed_optimizer,
-        average_in_collective=False)
+        bucket_size=meg.ddp_bucket_size, average_in_collective=False)
     model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                      disable_bucketing=i > 0) for i, chunk in enumerate(chunks)]
     fused.add_grads_by_hook(model)

@@ -41,8 +41,14 @@ def install(model) -> None:
         labels, loss_mask, hidden = kwargs["labels"], kwargs["loss_mask"], kwargs["hidden_states"]
         if labels is None or loss_mask is None or kwargs.get("inference_context") is not None:
             return plain(**kwargs)
-        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights \
-            else model.output_layer.weight
+        if model.share_embeddings_and_output_weights:
+            weight = model.shared_embedding_or_output_weight()
+        else:
+            # megatron-core's DDP finishes gathering a module's weights (overlap_param_gather) in
+            # the module's forward pre-hook, which also starts the next bucket's gather; the weight
+            # is used here without the module's forward, so call it on no tokens for its hooks.
+            model.output_layer(hidden[:0])
+            weight = model.output_layer.weight
         return linear_cross_entropy(hidden, weight, labels, loss_mask)
 
     model._postprocess = postprocess
