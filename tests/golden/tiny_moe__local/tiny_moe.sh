@@ -68,6 +68,7 @@ megatron:
   grad_reduce_in_fp32: true
   overlap_grad_reduce: false
   overlap_param_gather: false
+  ddp_bucket_size: null
   dist_checkpointing_path: null
 optim:
   lr: 0.003
