@@ -17,13 +17,14 @@ import sys
 _PR_SET_PDEATHSIG = 1
 
 
-def end_with_parent() -> None:
+def end_with_parent(parent: int | None = None) -> None:
     """SIGKILL this process when its parent ends (Linux; elsewhere nothing). Meant for the start
-    of a process, in its main thread: the signal fires when the thread that forked it ends."""
+    of a process, in its main thread: the signal fires when the thread that forked it ends.
+    `parent`: the pid the parent had, where the caller knows it (a forked child)."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent ended before the signal was armed
-        os.kill(os.getpid(), signal.SIGKILL)
+    if os.getppid() == 1 or (parent is not None and os.getppid() != parent):
+        os.kill(os.getpid(), signal.SIGKILL)  # the parent ended before the signal was armed

@@ -456,19 +456,11 @@ def _start_worker(context, iterator, depth: int):
 def _default_signals(parent: int) -> None:
     """In a forked helper process: SIGTERM and SIGINT end it (the trainer's own SIGTERM handler,
     inherited, would only set its stop flag, and a pool's terminate() then waited forever), and
-    it ends once `parent` is gone."""
+    it ends with `parent` (a killed rank), wherever it waits."""
     import signal
-    import threading
+
+    from trainer.lifetime import end_with_parent
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
-
-
-def _exit_when_orphaned(parent: int) -> None:
-    """In a helper process: end it once its parent is gone (a killed rank), wherever it waits."""
-    import time
-
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(0)
+    end_with_parent(parent)
