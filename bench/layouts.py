@@ -6,8 +6,9 @@ On a GPU machine (several GPUs of one host):
 
 runs `qwen3_moe_8l` on one GPU at the --calibrate micro-batch sizes and on --gpus GPUs in each
 layout (tp/etp/ep/pp/cp/vpp and a size, joined by '-'; ETP defaults to 1; `@N` after a layout
-runs it on N GPUs instead; `+VARIANT` after the sizes adds one of VARIANTS: `ep2+overlap@2`), 8 rows of 4096 tokens per GPU a step, one long sample per row (the
-attention work the estimate assumes), and writes the measurements to $OUT/NAME.json. A second
+runs it on N GPUs instead; `+VARIANT` after the sizes adds one of VARIANTS: `ep2+overlap@2`),
+8 rows of 4096 tokens per GPU a step, one long sample per row (the attention work the estimate
+assumes), and writes the measurements to $OUT/NAME.json. A second
 `run` of the same NAME on the same machine adds its rows to the first's (kept in /tmp), so one
 machine's rows can span several calls. Then, on any machine:
 
