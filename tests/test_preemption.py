@@ -17,7 +17,7 @@ from tests.trainer_helpers import losses, train, write_recipe
 
 pytest.importorskip("megatron.core")
 
-KILLS, STEPS = 20, 30
+KILLS, STEPS = 12, 30
 COMMON = ("megatron.expert_model_parallel_size=1", "data.val_files=[]", "trainer.save_freq=1",
           f"trainer.total_training_steps={STEPS}", "trainer.n_gpus_per_node=1")
 
