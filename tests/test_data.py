@@ -273,6 +273,10 @@ def test_packed_sequences_for_transformer_engine(tmp_path, tokenizer):
     assert batch["tokens"][0, 64:].tolist() == plain[1].tokens.tolist()
     assert params.qkv_format == "thd" and params.cu_seqlens_q_padded is None
     assert params.cu_seqlens_q.tolist() == sample_boundaries([r.sample for r in plain[:2]]).tolist()
+    # the response tokens the output layer picks out, counted on the host, in both forms
+    for form in ("thd", "boundaries"):
+        mask = collate(plain[:2], "cpu", form)["loss_mask"]
+        assert mask.response_tokens == int((mask > 0).sum()) > 0
 
     aligned = list(SFTData([str(path)], cfg, tokenizer, 0, align=4).rows(0))
     lengths = lambda rows: sorted(int((r.sample == k).sum()) for r in rows for k in set(r.sample.tolist()) - {-1})  # noqa: E731

@@ -169,12 +169,14 @@ def test_flex_attention_document_mask_keeps_each_token_inside_its_sample():
     assert torch.allclose(out, thd(dense.view(length, rows, heads, dim)).reshape(rows * length, -1), atol=1e-5)
 
 
+@pytest.mark.parametrize("counted", [False, True], ids=["all-tokens", "response-tokens"])
 @pytest.mark.parametrize("weight_trains", [True, False], ids=["full", "frozen-output"])
-def test_output_loss_in_chunks_gives_the_cross_entropy_and_its_gradients(monkeypatch, weight_trains):
+def test_output_loss_in_chunks_gives_the_cross_entropy_and_its_gradients(monkeypatch, weight_trains, counted):
     """The output layer and loss in chunks (trainer.model.output_loss, 3 chunks, the last one
     short) against cross-entropy of the whole logits in float64: per-token losses, and the
     gradients of the masked sum under a gradient scale, which is how the trainer's loss uses them.
-    Labels outside the mask are padding (-100)."""
+    Labels outside the mask are padding (-100). With the response tokens counted on the host (as
+    collate does) only they go through the output layer, and the other tokens' losses are zero."""
     from trainer.model import output_loss
 
     length, rows, width, vocab = 100, 3, 16, 50
@@ -186,6 +188,8 @@ def test_output_loss_in_chunks_gives_the_cross_entropy_and_its_gradients(monkeyp
     mask = (torch.rand(rows, length, generator=generator) > 0.4).float()
     mask[1] = 0  # a row with no response token
     labels[mask == 0] = -100
+    if counted:
+        mask.response_tokens = int((mask > 0).sum())
 
     def masked_sum(losses):
         return 0.5 * torch.where(mask > 0, losses, 0.0).sum()  # 0.5: a gradient scale
@@ -212,6 +216,10 @@ def test_output_loss_in_chunks_gives_the_cross_entropy_and_its_gradients(monkeyp
     torch.testing.assert_close(ours_loss[mask > 0], ref_loss[mask > 0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours_h, ref_h, rtol=1e-5, atol=1e-6)
     assert ours_h[:, 1].abs().max() == 0  # the row without response tokens gets no gradient
+    if counted:
+        assert ours_loss[mask == 0].abs().max() == 0
+    else:
+        torch.testing.assert_close(ours_loss, ref_loss, rtol=1e-5, atol=1e-5)
     if weight_trains:
         torch.testing.assert_close(ours_w, ref_w, rtol=1e-5, atol=1e-6)
     else:

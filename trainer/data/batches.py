@@ -284,6 +284,9 @@ def collate(rows: list[Row], device, form: str = "boundaries", align: int = 1) -
         return to_device(np.stack([getattr(r, name) for r in rows]), device)
 
     tokens, labels, loss_mask = (stacked(n) for n in ("tokens", "labels", "loss_mask"))
+    # counted here, so the output layer picks out the response tokens without the host waiting
+    # on the GPU (trainer.model.output_loss)
+    loss_mask.response_tokens = sum(int(np.count_nonzero(r.loss_mask > 0)) for r in rows)
     length = tokens.shape[1]
     if form == "thd":
         return _thd(tokens, labels, loss_mask, thd_boundaries([r.sample for r in rows], align), device)
@@ -331,7 +334,9 @@ def _thd(tokens, labels, loss_mask, boundaries, device) -> dict:
     flat = lambda t: t.reshape(1, -1)  # noqa: E731
     # megatron-core restarts rotary positions at each sample from cu_seqlens; these go unused
     positions = torch.arange(tokens.numel(), device=tokens.device)[None]
-    return {"tokens": flat(tokens), "labels": flat(labels), "loss_mask": flat(loss_mask), "attention_mask": None,
+    flat_mask = flat(loss_mask)
+    flat_mask.response_tokens = loss_mask.response_tokens
+    return {"tokens": flat(tokens), "labels": flat(labels), "loss_mask": flat_mask, "attention_mask": None,
             "position_ids": positions, "packed_seq_params": params, "rows": tuple(tokens.shape)}
 
 

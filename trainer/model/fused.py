@@ -24,6 +24,8 @@ there (the CPU runs the plain code the tests check against):
   profile's host waits) and scales gradients one by one. On the CPU too;
 - output_loss: the output layer and the cross-entropy in chunks of tokens, never holding the
   logits (trainer.model.output_loss). On the CPU too.
+- response_logits: the output layer and loss over the response tokens alone, whose number
+  the host counted when it collated the micro-batch (trainer.model.output_loss). On the CPU too.
 - clip: the optimizer step without the host reading the gradient norm (trainer.optimizer_step):
   the clip factor stays on the GPU and reaches the fused AdamW kernel. On the CPU too.
 - grad_add: the bf16 gradients that autograd hands megatron-core's DDP (experts, embedding,
@@ -54,8 +56,8 @@ import types
 import torch
 
 KERNELS = ("attention", "flex_attention", "norm", "grad_accum", "grad_add", "adam", "permute", "grad_norm",
-           "output_loss", "clip", "rope", "swiglu", "cross_entropy", "router")
-ON_CPU_TOO = ("permute", "grad_norm", "output_loss", "clip", "grad_add")
+           "output_loss", "response_logits", "clip", "rope", "swiglu", "cross_entropy", "router")
+ON_CPU_TOO = ("permute", "grad_norm", "output_loss", "response_logits", "clip", "grad_add")
 
 
 def enabled(name: str) -> bool:

@@ -56,9 +56,13 @@ def install(model) -> None:
 
 def compile_kernels() -> None:
     """On a GPU, each chunk's loss and logit gradient in a reduction and one pass that writes
-    the gradient: the fp32 logits are never stored."""
-    global _losses, _losses_and_grads
-    if torch.cuda.is_available():
+    the gradient: the fp32 logits are never stored. Full chunks have one shape; the last chunk
+    of a micro-batch's response tokens a new one nearly every time, so it has kernels of its own,
+    compiled for any number of tokens (torch.compile's automatic dynamic shapes: once static,
+    once dynamic) where the static ones recompiled at every size, then ran uncompiled."""
+    global _losses, _losses_and_grads, _last_losses, _last_losses_and_grads
+    if torch.cuda.is_available() and not getattr(_losses, "compiled_by_trainer", False):
+        _last_losses, _last_losses_and_grads = torch.compile(_losses), torch.compile(_losses_and_grads)
         _losses, _losses_and_grads = fused._compiled(_losses), fused._compiled(_losses_and_grads)
 
 
@@ -66,12 +70,24 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          loss_mask: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy [batch, sequence] of the logits hidden @ weight^T, for hidden
     [sequence, batch, h] and labels, loss_mask [batch, sequence] (megatron-core's layouts).
-    Its gradient is right for a sum over the tokens with loss_mask > 0, as the module says."""
+    Its gradient is right for a sum over the tokens with loss_mask > 0, as the module says.
+
+    Where the host counted the response tokens (`loss_mask.response_tokens`, set by
+    trainer.data.batches.collate), only those go through the output layer and their losses
+    are zero elsewhere: in SFT data most tokens are prompt (71% of the benchmark's rows), and
+    with a large vocabulary their logits were the largest matrix products of the step."""
     length, batch, width = hidden.shape
     keep = (loss_mask > 0).t().reshape(-1)
     # labels outside the mask may be anything (padding); any valid index does for them
     targets = labels.t().reshape(-1).clamp(0, weight.shape[0] - 1)
-    losses = _LinearCrossEntropy.apply(hidden.reshape(length * batch, width), weight, targets, keep)
+    flat = hidden.reshape(length * batch, width)
+    counted = getattr(loss_mask, "response_tokens", None)
+    if counted is None or not fused.enabled("response_logits"):
+        return _LinearCrossEntropy.apply(flat, weight, targets, keep).view(length, batch).t()
+    # the positions of the response tokens without reading the mask on the host (its count is known)
+    index = torch.nonzero_static(keep, size=counted).squeeze(1)
+    picked = _LinearCrossEntropy.apply(flat.index_select(0, index), weight, targets[index], keep[index])
+    losses = torch.zeros(length * batch, dtype=picked.dtype, device=picked.device).index_copy(0, index, picked)
     return losses.view(length, batch).t()
 
 
@@ -87,10 +103,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, tokens, chunk):
             part = slice(start, start + chunk)
             logits = hidden[part] @ weight.t()
+            full = logits.shape[0] == chunk
             if grad_hidden is None and grad_weight is None:
-                losses[part] = _losses(logits, targets[part])
+                losses[part] = (_losses if full else _last_losses)(logits, targets[part])
                 continue
-            losses[part], grad_logits = _losses_and_grads(logits, targets[part], keep[part])
+            losses[part], grad_logits = (_losses_and_grads if full else _last_losses_and_grads)(
+                logits, targets[part], keep[part])
             del logits
             if grad_hidden is not None:
                 torch.mm(grad_logits, weight, out=grad_hidden[part])
@@ -127,3 +145,6 @@ def _losses_and_grads(logits: torch.Tensor, targets: torch.Tensor, keep: torch.T
     grads = torch.exp(wide - log_total) - is_target.to(wide.dtype)
     return losses, torch.where(keep[:, None], grads, 0.0).to(logits.dtype)
 
+
+
+_last_losses, _last_losses_and_grads = _losses, _losses_and_grads  # compiled apart on a GPU (compile_kernels)
