@@ -146,5 +146,4 @@ def _losses_and_grads(logits: torch.Tensor, targets: torch.Tensor, keep: torch.T
     return losses, torch.where(keep[:, None], grads, 0.0).to(logits.dtype)
 
 
-
 _last_losses, _last_losses_and_grads = _losses, _losses_and_grads  # compiled apart on a GPU (compile_kernels)
