@@ -36,6 +36,7 @@ ROWS_PER_GPU = 8
 
 # Options measured beside a layout: recipe overrides, and trainer pieces turned off (MOE_PLAIN_KERNELS).
 VARIANTS = {
+    "": ([], ""),  # the layout as it is
     "overlap": (["megatron.overlap_grad_reduce=true", "megatron.overlap_param_gather=true"], ""),
     "allgather": (["model.override_config.moe_config.token_dispatcher=allgather"], ""),
     "plain_grad_add": ([], "grad_add"),
@@ -54,7 +55,7 @@ def layout_overrides(spec: str) -> list[str]:
             f"{m}expert_model_parallel_size={sizes['ep']}", f"{m}pipeline_model_parallel_size={sizes['pp']}",
             f"{m}context_parallel_size={sizes['cp']}", f"{m}sequence_parallel={str(sizes['tp'] > 1).lower()}",
             f"{m}virtual_pipeline_model_parallel_size={sizes['vpp'] if sizes['vpp'] > 1 else 'null'}",
-            *(VARIANTS[variant][0] if variant else [])]
+            *VARIANTS[variant][0]]
 
 
 def recipe_overrides(gpus: int, mb: int, layout: list[str], data_file: str) -> list[str]:
@@ -87,7 +88,7 @@ def run(args) -> None:
         # run_ours puts its own batch and EP first; ours come after and win
         overrides = recipe_overrides(gpus, mb, layout, data)
         profile = out / f"{args.name}.{spec}-g{gpus}.profile.json" if f"{spec}@{gpus}" == args.profile else None
-        plain = VARIANTS[spec.partition("+")[2]][1] if "+" in spec else ""
+        plain = VARIANTS[spec.partition("+")[2]][1]
         row = gpu_speed.run_ours(f"{spec}-g{gpus}", MODEL, mb, overrides[1:], plain=plain, gpus=gpus, profile=profile,
                                  te=args.te)
         row.update(layout=spec, recipe_overrides=overrides)
