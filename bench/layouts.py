@@ -35,11 +35,14 @@ ROWS_PER_GPU = 8
 
 
 # Options measured beside a layout: recipe overrides, and trainer pieces turned off (MOE_PLAIN_KERNELS).
+BALANCED = "model.override_config.moe_config.force_load_balancing=true"
 VARIANTS = {
     "": ([], ""),  # the layout as it is
     "overlap": (["megatron.overlap_grad_reduce=true", "megatron.overlap_param_gather=true"], ""),
     "allgather": (["model.override_config.moe_config.token_dispatcher=allgather"], ""),
     "plain_grad_add": ([], "grad_add"),
+    # random experts in equal numbers: the exchange's cost without this router's imbalance
+    "balanced": ([BALANCED], ""),
 }
 
 

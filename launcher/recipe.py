@@ -30,6 +30,10 @@ class MoeConfig:
     # None: dropless routing. A number: each expert takes at most capacity x its fair share.
     capacity_factor: Optional[float] = None
     token_dispatcher: str = choices("alltoall", "allgather", default="alltoall")
+    # Benchmarking only: every token goes to random experts in equal numbers (megatron-core's
+    # moe_router_force_load_balancing), so that speed does not depend on how balanced a
+    # particular router is; what the model learns from such routing is of no use.
+    force_load_balancing: bool = False
 
 
 @dataclass

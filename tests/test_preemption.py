@@ -17,7 +17,7 @@ from tests.trainer_helpers import losses, train, write_recipe
 
 pytest.importorskip("megatron.core")
 
-KILLS, STEPS = 12, 30
+KILLS, STEPS = 8, 20
 COMMON = ("megatron.expert_model_parallel_size=1", "data.val_files=[]", "trainer.save_freq=1",
           f"trainer.total_training_steps={STEPS}", "trainer.n_gpus_per_node=1")
 
@@ -81,7 +81,7 @@ def test_sigkill_during_saves_never_breaks_latest_and_losses_match(tmp_path):
             assert damage(pointed) is None, f"kill {kills}: latest {pointed} is damaged: {damage(pointed)}"
             reached.append(pointed.name)
     # kills spread over many saves, most of them inside one
-    assert kills == KILLS and len(set(reached)) > 5 and mid_save >= KILLS // 2, (reached, mid_save)
+    assert kills == KILLS and len(set(reached)) >= KILLS // 2 and mid_save >= KILLS // 2, (reached, mid_save)
     proc = start(run_dir, config)
     assert proc.wait(timeout=300) == 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -175,52 +175,51 @@ def _losses_by_step(run_dir):
     return [last[step]["loss"] for step in sorted(last)], max((r.get("restart", 0) for r in last.values()), default=0)
 
 
-def _wait_for_step(run_dir, step, timeout=300):
+def _wait_for_step(run_dir, step, timeout=300, attempt=0):
+    """Until the job's attempt number `attempt` (its restart count) has logged `step`."""
+    from launcher.progress import read_records
+
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and len(_losses_by_step(run_dir)[0]) >= step:
+        if (run_dir / "metrics.jsonl").exists() and any(
+                r.get("restart", 0) == attempt and r["step"] >= step
+                for r in read_records(run_dir / "metrics.jsonl", None) if "loss" in r):
             return
         time.sleep(0.5)
-    raise AssertionError(f"{run_dir} never reached step {step}")
+    raise AssertionError(f"{run_dir} never reached step {step} in attempt {attempt}")
 
 
-def test_requeued_and_dead_rank_jobs_resume_with_an_uninterrupted_runs_losses(slurm, tmp_path):
-    """On two nodes: `scontrol requeue` mid-run, and one training process killed with SIGKILL
-    (a dead rank) - each attempt goes on from the latest checkpoint, and the per-step losses are
-    those of a run never interrupted. The dead rank ends its attempt within a minute, the job
-    requeues itself (job.max_restarts) and `launcher status` names the rank, host and signal."""
+def test_a_job_requeued_and_then_losing_a_rank_resumes_with_an_uninterrupted_runs_losses(slurm, tmp_path):
+    """On two nodes, one job: `scontrol requeue` mid-run, then, in the attempt that follows, one
+    training process killed with SIGKILL (a dead rank) - each attempt goes on from the latest
+    checkpoint, and the per-step losses are those of a run never interrupted. The dead rank
+    ends its attempt within a minute, the job requeues itself (job.max_restarts) and `launcher
+    status` names the rank, host and signal."""
     start()
     profile, stand_in, env = slurm
-    common = [*TWO_NODES, "trainer.total_training_steps=8", "trainer.save_freq=2", "data.val_files=[]"]
+    common = [*TWO_NODES, "trainer.total_training_steps=10", "trainer.save_freq=2", "data.val_files=[]"]
     rc, result, out, err = submit(env, profile(), *common, "job.name=clean")
     assert rc == 0, out + err
     clean, _ = _losses_by_step(tmp_path / "runs" / "clean")
 
-    rc, result, _, _ = submit(env, profile(), *common, "job.name=requeued", wait=False)
-    run_dir = tmp_path / "runs" / "requeued"
+    rc, result, _, _ = submit(env, profile(), *common, "job.name=interrupted", wait=False)
+    run_dir = tmp_path / "runs" / "interrupted"
     _wait_for_step(run_dir, 3)  # the step-2 checkpoint is written by then
     subprocess.run(["scontrol", "requeue", result["job_id"]], env={**os.environ, **env}, check=True)
-    final = _wait_for(env, result["job_id"], "COMPLETED", timeout=400)
-    losses, restarts = _losses_by_step(run_dir)
-    assert restarts == 1 and final["restarts"] == 1
-    assert losses == pytest.approx(clean, rel=1e-6)
-
-    rc, result, _, _ = submit(env, profile(), *common, "job.name=dead-rank", wait=False)
-    run_dir = tmp_path / "runs" / "dead-rank"
-    _wait_for_step(run_dir, 3)  # the step-2 checkpoint is written by then
+    _wait_for_step(run_dir, 5, attempt=1)  # the requeued attempt has written its step-4 checkpoint
     workers = training_processes(f"{run_dir}/recipe.yaml")
     assert len(workers) == 2, workers  # one training process per node
     os.kill(workers[1], signal.SIGKILL)
     killed = time.time()
     log = run_dir / "logs" / f"slurm-{result['job_id']}.out"
     # (measured: 3 s; 61 s while megatron's checkpoint writer kept the dead rank's output open)
-    while "attempt 0 failed with exit code" not in log.read_text(errors="replace"):
+    while "attempt 1 failed with exit code" not in log.read_text(errors="replace"):
         assert time.time() - killed < 60, log.read_text()[-3000:]
         time.sleep(0.5)
     final = _wait_for(env, result["job_id"], "COMPLETED", timeout=400)
-    assert final["restarts"] == 1
-    assert "SIGKILL" in final["rank_failure"] and "attempt 0" in final["rank_failure"]
-    losses, _ = _losses_by_step(run_dir)
+    losses, restarts = _losses_by_step(run_dir)
+    assert restarts == 2 and final["restarts"] == 2
+    assert "SIGKILL" in final["rank_failure"] and "attempt 1" in final["rank_failure"]
     assert losses == pytest.approx(clean, rel=1e-6)
     rc, text, _ = run_launcher("status", result["job_id"], env=env)
     assert "failed rank  rank " in text and "SIGKILL" in text

@@ -68,9 +68,10 @@ def test_layouts_give_the_same_losses_as_ep2(tmp_path, init_checkpoint, baseline
     assert losses(metrics) == pytest.approx(expected, rel=1e-5)
 
 
-def test_z_loss_and_capacity_factor_act_on_training(tmp_path, init_checkpoint, baseline):
+def test_z_loss_capacity_factor_and_forced_balance_act_on_training(tmp_path, init_checkpoint, baseline):
     """Router z-loss adds to the gradients but not to the LM loss; a capacity factor drops
-    tokens, which changes the output and the tokens each expert receives."""
+    tokens, which changes the output and the tokens each expert receives; forced load
+    balancing routes to random experts."""
     run, _ = baseline
     first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][0]
     moe = "model.override_config.moe_config"
@@ -84,6 +85,11 @@ def test_z_loss_and_capacity_factor_act_on_training(tmp_path, init_checkpoint, b
     assert abs(dropped[0]["loss"] - first["loss"]) > 2e-6 * first["loss"]
     for layer, counts in dropped[0]["tokens_per_expert"].items():
         assert sum(counts) < sum(first["tokens_per_expert"][layer])
+    # benchmarking's random routing: other experts than the router's, every token still routed top-k
+    _, _, forced = train(tmp_path / "fb", f"megatron.dist_checkpointing_path={init_checkpoint}",
+                         "trainer.total_training_steps=1", *STEADY, f"{moe}.force_load_balancing=true")
+    for layer, counts in forced[0]["tokens_per_expert"].items():
+        assert counts != first["tokens_per_expert"][layer] and sum(counts) == sum(first["tokens_per_expert"][layer])
 
 
 def test_grad_offload_releases_gradients_without_changing_training(tmp_path, init_checkpoint, baseline):

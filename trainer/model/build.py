@@ -65,6 +65,7 @@ def transformer_config(args: ModelArgs, recipe, dtype: torch.dtype):
         moe_token_dispatcher_type=moe.token_dispatcher,
         moe_z_loss_coeff=moe.z_loss_coeff,
         moe_expert_capacity_factor=moe.capacity_factor,
+        moe_router_force_load_balancing=moe.force_load_balancing,
         # On a GPU: megatron-core's GroupedMLP over torch._grouped_mm (trainer.model.experts),
         # with or without transformer-engine, and the trainer's sync-free token permutation
         # (trainer.model.dispatch). transformer-engine's grouped experts (one GEMM per expert

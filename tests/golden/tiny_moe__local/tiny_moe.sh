@@ -21,6 +21,7 @@ model:
       z_loss_coeff: null
       capacity_factor: null
       token_dispatcher: alltoall
+      force_load_balancing: false
   lora:
     rank: 0
     alpha: 32.0
