@@ -308,7 +308,7 @@ def test_a_save_that_cannot_be_written_stops_the_job_and_keeps_the_previous_chec
 
 def test_ranks_end_when_torchrun_is_killed(tmp_path):
     """torchrun SIGKILLed mid-training, after a checkpoint (it can stop nothing then): every
-    process under it - ranks, data workers, tokenisers, the checkpoint writer's Manager - ends
+    process under it - ranks, data workers, tokenisers - ends
     within seconds instead of running on without it."""
     import os
     import signal
@@ -330,7 +330,7 @@ def test_ranks_end_when_torchrun_is_killed(tmp_path):
         while time.time() < deadline and not (tmp_path / "checkpoints" / "latest").exists():
             time.sleep(0.2)
         family = descendants(proc.pid)
-        assert len(training_processes(str(config))) == 2 and len(family) > 4  # + workers, Managers
+        assert len(training_processes(str(config))) == 2 and len(family) > 4  # + data workers, tokenisers
         proc.kill()
         proc.wait()
         deadline = time.time() + 20

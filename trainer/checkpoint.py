@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -149,50 +149,20 @@ def _load_model(loaded: dict, model_chunks, path: Path) -> None:
             raise ValueError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def _start_writer_queue_without_our_output() -> None:
-    """megatron-core's checkpoint writer reports through a multiprocessing Manager, a process it
-    spawns at the first save that inherits this process's stdout and stderr. When this process is
-    killed (SIGKILL: a dead rank) the Manager outlives it, still holding the job's output streams,
-    and Slurm waits a minute for them to close before it ends the step. Started here with its
-    output on /dev/null, it holds nothing of the job's; and it ends with this process
-    (trainer.lifetime: killed ranks' Managers used to stay)."""
+def _writer_results_in_this_process() -> None:
+    """megatron-core's checkpoint writer hands its results over through a queue of a
+    multiprocessing Manager, a process it spawns at the first save: a fresh interpreter (about
+    2 s of every run's first save) that inherited this process's output streams and outlived it
+    when it was killed (Slurm then waited a minute for the streams of a dead rank to close). The
+    trainer saves synchronously: the writer puts its results and megatron-core takes them in this
+    process, so a queue of this process carries them, and no process is started."""
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:
         return
-    if getattr(filesystem_async, "_results_queue", True) is not None or \
-            not hasattr(filesystem_async, "_get_write_results_queue"):
-        return  # started already, or a megatron-core without it
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        filesystem_async._results_queue = _manager_ending_with_us().Queue()
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, devnull):
-            os.close(fd)
-
-
-_MANAGERS: list = []  # kept: a Manager shuts its process down once collected
-
-
-def _manager_ending_with_us():
-    """A multiprocessing Manager as megatron-core's writer makes it (spawned), whose process
-    ends with this one."""
-    import multiprocessing
-    from multiprocessing.managers import SyncManager
-
-    from trainer.lifetime import end_with_parent
-
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=end_with_parent)
-    _MANAGERS.append(manager)
-    return manager
+    if getattr(filesystem_async, "_results_queue", True) is None and \
+            hasattr(filesystem_async, "_get_write_results_queue"):
+        filesystem_async._results_queue = queue.Queue()
 
 
 def save(root: Path, step: int, model_chunks, optimizer, scheduler, trainer_state: dict,
@@ -200,7 +170,7 @@ def save(root: Path, step: int, model_chunks, optimizer, scheduler, trainer_stat
     from megatron.core import dist_checkpointing
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    _start_writer_queue_without_our_output()
+    _writer_results_in_this_process()
     name = f"step_{step:06d}"
     final, tmp = root / name, root / f"{name}.tmp"
     rank = dist.get_rank()

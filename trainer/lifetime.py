@@ -1,10 +1,11 @@
 """A job's processes end with the process that started them.
 
-torchrun starts each rank in a session of its own, and a rank starts helpers (the data worker,
-megatron-core's checkpoint-writer Manager). When the parent is SIGKILLed - a time-out's kill, the
-kernel's out-of-memory killer, a dead rank - nothing stops its children: seen here, two CPU ranks
-trained on for minutes re-parented to init after torchrun was killed, and every killed rank left
-its checkpoint writer's Manager (273 MB) running; on a GPU node a rank would keep its memory.
+torchrun starts each rank in a session of its own, and a rank starts helpers (the data worker
+and its tokenisers). When the parent is SIGKILLed - a time-out's kill, the kernel's
+out-of-memory killer, a dead rank - nothing stops its children: seen here, two CPU ranks trained
+on for minutes re-parented to init after torchrun was killed, and every killed rank left a helper
+process of 273 MB running (megatron-core's checkpoint-writer Manager, which the trainer no longer
+starts: trainer.checkpoint); on a GPU node a rank would keep its memory.
 Linux's parent-death signal ends the child even while it waits inside a collective.
 """
 
