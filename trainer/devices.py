@@ -16,6 +16,7 @@ Nothing here runs when CUDA is present.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -112,12 +113,28 @@ class _FakeCudaRng:
         self.generator.manual_seed(int(seed))
 
 
+def _import_megatron_without_compiling() -> None:
+    """megatron-core wraps about 40 fusions in torch.compile as it is imported; the first wrap
+    imports dynamo: about 3 s of every CPU process that trains, most of a CPU test's start, for
+    fusions the trainer turns off on the CPU. Imported while torch.compile is the identity,
+    they stay plain functions (megatron.core.jit keeps the identity for what it wraps later)."""
+    if "megatron.core" in sys.modules:
+        return
+    compile_ = torch.compile
+    torch.compile = lambda model=None, **options: model if model is not None else (lambda fn: fn)
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        torch.compile = compile_
+
+
 def install_cpu_shim() -> None:
     """Let megatron-core's CUDA code paths run on the CPU. Idempotent; never on a GPU machine."""
     global _installed
     if _installed or on_gpu():
         return
     _installed = True
+    _import_megatron_without_compiling()
     rng = _FakeCudaRng()
     cuda = torch.cuda
     # A device object rather than 0: allocations in autograd's backward, where the

@@ -74,13 +74,13 @@ def packing_align(recipe) -> int:
 
 
 def setup(recipe) -> None:
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
     if devices.on_gpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
-        devices.install_cpu_shim()
+        devices.install_cpu_shim()  # before megatron-core is imported (devices.py says why)
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
     devices.patch_megatron()
     timeout = timedelta(seconds=recipe.trainer.collective_timeout_s)
     if not dist.is_initialized():
