@@ -60,5 +60,5 @@ def main(argv=None) -> int:
         return 1
 
 
-if __name__ == "__main__":  # dist_checkpointing's writer starts processes that re-import this module
+if __name__ == "__main__":
     sys.exit(main())

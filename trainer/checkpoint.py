@@ -160,8 +160,7 @@ def _writer_results_in_this_process() -> None:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:
         return
-    if getattr(filesystem_async, "_results_queue", True) is None and \
-            hasattr(filesystem_async, "_get_write_results_queue"):
+    if getattr(filesystem_async, "_results_queue", True) is None:  # not made yet (megatron-core 0.16)
         filesystem_async._results_queue = queue.Queue()
 
 
