@@ -43,6 +43,8 @@ VARIANTS = {
     "plain_grad_add": ([], "grad_add"),
     # random experts in equal numbers: the exchange's cost without this router's imbalance
     "balanced": ([BALANCED], ""),
+    "a2a_overlap": (["megatron.overlap_moe_expert_parallel_comm=true"], ""),
+    "balanced_a2a_overlap": ([BALANCED, "megatron.overlap_moe_expert_parallel_comm=true"], ""),
 }
 
 

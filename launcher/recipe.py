@@ -134,6 +134,9 @@ class MegatronSection:
     # Parameters per gradient-reduce bucket; None: megatron-core's max(40M, 1M x data-parallel size).
     # Smaller buckets start reducing earlier in the backward pass.
     ddp_bucket_size: Optional[int] = None
+    # One micro-batch's expert-parallel all-to-all under another's compute: megatron-core's
+    # combined forward-backward schedule (two micro-batches at a time, on two CUDA streams).
+    overlap_moe_expert_parallel_comm: bool = False
     dist_checkpointing_path: Optional[str] = None  # initial weights, converted by `launcher convert`
 
 

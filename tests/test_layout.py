@@ -130,3 +130,40 @@ def test_head_rule_agrees_with_megatron_core(tp):
     except (ValueError, AssertionError):
         theirs = False
     assert ours == theirs
+
+
+@pytest.mark.parametrize("overrides", [
+    [],  # the recipe's PP=2 without virtual stages
+    ["megatron.virtual_pipeline_model_parallel_size=2", "data.global_batch_size=128"],
+    ["megatron.pipeline_model_parallel_size=1"],
+    ["megatron.pipeline_model_parallel_size=1", "megatron.expert_model_parallel_size=1",
+     "megatron.expert_tensor_parallel_size=1"],
+    ["megatron.pipeline_model_parallel_size=1", "model.override_config.moe_config.token_dispatcher=allgather"],
+    ["megatron.pipeline_model_parallel_size=1", "model.enable_gradient_checkpointing=true"],
+])
+def test_a2a_overlap_rules_agree_with_megatron_core(overrides):
+    """megatron.overlap_moe_expert_parallel_comm is refused before queueing exactly where
+    megatron-core's TransformerConfig would refuse it inside the job."""
+    import torch
+
+    base = ["megatron.overlap_moe_expert_parallel_comm=true", "model.enable_gradient_checkpointing=false"]
+    try:
+        _, recipe = layout("mixtral_8x7b", *base, *overrides)
+        ours = True
+    except UserError as error:
+        assert all("overlap_moe_expert_parallel_comm=true" in p for p in error.problems)
+        recipe = load_recipe(RECIPES / "mixtral_8x7b.yaml", [*base, *overrides])
+        ours = False
+    meg, moe = recipe.megatron, recipe.model.override_config.moe_config
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    try:
+        megatron.TransformerConfig(
+            num_layers=8, hidden_size=64, num_attention_heads=8, num_moe_experts=8, moe_router_topk=2,
+            bf16=True, pipeline_dtype=torch.bfloat16, pipeline_model_parallel_size=meg.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=meg.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=meg.expert_model_parallel_size, moe_token_dispatcher_type=moe.token_dispatcher,
+            overlap_moe_expert_parallel_comm=True, **(recompute if recipe.model.enable_gradient_checkpointing else {}))
+        theirs = True
+    except (ValueError, AssertionError):
+        theirs = False
+    assert ours == theirs

@@ -24,6 +24,7 @@ CASES = [  # the shipped models on several cluster sizes
     ("qwen2_moe", "slurm", []), ("qwen2_moe", "k8s", ["trainer.nnodes=2"]),
     ("qwen3_235b_a22b", "slurm", ["megatron.grad_reduce_in_fp32=false"]),  # a recipe already on bf16 gradients
     ("deepseek_v3_lora", "slurm", []), ("qwen3_235b_a22b_lora", "slurm", []),  # LoRA: adapters, frozen base
+    ("qwen2_moe", "slurm", ["megatron.overlap_moe_expert_parallel_comm=true"]),  # no recompute, EP > 1
 ]
 
 

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests.conftest import REPO
 from tests.trainer_helpers import losses, plain_tensors, train
 
 pytest.importorskip("megatron.core")
@@ -208,7 +209,6 @@ def test_grouped_and_sequential_experts_write_the_same_keys_on_every_pipeline_st
     import subprocess
     import sys
 
-    from tests.conftest import REPO
     from tests.trainer_helpers import write_recipe
 
     config = write_recipe(tmp_path, "trainer.n_gpus_per_node=2", "megatron.expert_model_parallel_size=1",
@@ -272,7 +272,6 @@ def test_a_save_that_cannot_be_written_stops_the_job_and_keeps_the_previous_chec
     import subprocess
     import sys
 
-    from tests.conftest import REPO
     from tests.trainer_helpers import write_recipe
     from trainer.checkpoint import damage, latest
 
@@ -316,7 +315,6 @@ def test_ranks_end_when_torchrun_is_killed(tmp_path):
     import sys
     import time
 
-    from tests.conftest import REPO
     from tests.trainer_helpers import alive, descendants, training_processes, write_recipe
 
     config = write_recipe(tmp_path, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=200",
@@ -354,7 +352,6 @@ def test_a_hung_rank_fails_the_job_within_the_collective_timeout(tmp_path):
     import sys
     import time
 
-    from tests.conftest import REPO
     from tests.trainer_helpers import training_processes, write_recipe
 
     config = write_recipe(tmp_path, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=200",
@@ -421,3 +418,14 @@ def test_alerts_reach_the_log_and_the_metrics_and_tensorboard_holds_the_metrics(
     for name in ("loss", "grad_norm", "lr", "tokens_per_s"):
         logged = {e.step: e.value for e in events.Scalars(name)}
         assert logged == pytest.approx({m["step"]: m[name] for m in steps}, rel=1e-6), name
+
+
+def test_a2a_overlap_on_a_machine_without_gpus_is_one_line(tmp_path):
+    """megatron-core's combined schedule needs CUDA streams: on CPU processes the trainer says
+    so in one line and exits 2, before any step, instead of failing inside megatron-core."""
+    code, log, metrics = train(tmp_path, "megatron.overlap_moe_expert_parallel_comm=true", "data.val_files=[]",
+                               check=False)
+    assert code != 0 and "error: megatron.overlap_moe_expert_parallel_comm=true: megatron-core's combined" in log
+    # (torchrun then reports its child's failure with a traceback of its own)
+    assert 'File "' + str(REPO / "trainer") not in log and (tmp_path / "BAD_INPUT").exists()
+    assert not [m for m in metrics if "loss" in m]

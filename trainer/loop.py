@@ -210,7 +210,9 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return total, count, {"lm loss": torch.stack([total.detach(), mask.sum().detach()])}
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    """One micro-batch's forward pass, or (megatron.overlap_moe_expert_parallel_comm) the plan
+    of it that megatron-core's combined schedule runs beside another micro-batch's backward."""
     from megatron.core.utils import get_model_config
 
     from trainer.model import thd
@@ -219,8 +221,9 @@ def forward_step(data_iterator, model):
     if "rows" in batch:  # rows laid end to end (transformer-engine's packed sequences)
         thd.mark_rows(get_model_config(model), *batch.pop("rows"))
     # The loss mask also reaches megatron-core's multi-token-prediction loss, when there is one.
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
-                   loss_mask=batch["loss_mask"], packed_seq_params=batch.get("packed_seq_params"))
+    forward = model.build_schedule_plan if return_schedule_plan else model
+    output = forward(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
+                     loss_mask=batch["loss_mask"], packed_seq_params=batch.get("packed_seq_params"))
     return output, partial(loss_func, batch["loss_mask"])
 
 

@@ -164,11 +164,36 @@ def plan_layout(recipe: Recipe, model: ModelDims, gpus_per_node: int | None = No
         warnings.append(f"{num_microbatches} micro-batches per step with PP={pp}: most of each step is pipeline "
                         f"bubble; raise data.global_batch_size to at least {pp * step}")
 
+    if meg.overlap_moe_expert_parallel_comm:
+        problems.extend(_a2a_overlap_problems(recipe, model, ep, pp, vpp))
+
     if problems:
         raise UserError(*problems)
     return Layout(world_size=world, tp=tp, pp=pp, ep=ep, etp=etp, cp=cp, dp=dp, edp=edp, vpp=vpp,
                   sequence_parallel=meg.sequence_parallel, stage_layers=stage_layers,
                   num_microbatches=num_microbatches, warnings=tuple(warnings))
+
+
+def _a2a_overlap_problems(recipe: Recipe, model: ModelDims, ep: int, pp: int, vpp: int) -> list[str]:
+    """megatron-core's conditions for its combined schedule (TransformerConfig refuses the rest)."""
+    key = f"{M}overlap_moe_expert_parallel_comm=true"
+    problems = []
+    if ep == 1:
+        problems.append(f"{key} hides the expert all-to-all, which needs {M}expert_model_parallel_size > 1; "
+                        "set it false or raise EP")
+    dispatcher = recipe.model.override_config.moe_config.token_dispatcher
+    if dispatcher != "alltoall":
+        problems.append(f"{key} needs the alltoall token dispatcher; model.override_config.moe_config."
+                        f"token_dispatcher is {dispatcher}: set it to alltoall")
+    if recipe.model.enable_gradient_checkpointing:
+        problems.append(f"{key} runs no full recompute; set model.enable_gradient_checkpointing=false")
+    if pp > 1 and vpp == 1:
+        problems.append(f"{key} with {M}pipeline_model_parallel_size={pp} needs virtual pipeline stages; "
+                        f"set {M}virtual_pipeline_model_parallel_size=2")
+    if recipe.model.enable_mtp and (model.mtp_layers > 1 or pp == 1):
+        problems.append(f"{key} with multi-token prediction needs one prediction layer (the model has "
+                        f"{model.mtp_layers}) and {M}pipeline_model_parallel_size > 1; set model.enable_mtp=false")
+    return problems
 
 
 def _pipeline_split(recipe: Recipe, model: ModelDims, pp: int, vpp: int, problems: list[str]) -> tuple[int, ...]:

@@ -199,6 +199,10 @@ def _stage_activations(recipe: Recipe, model: ModelDims, layout: Layout, stage: 
         acts = in_flight * len(per_layer) * kept_input + max(per_layer, default=0)
     else:
         acts = in_flight * sum(per_layer)
+    if recipe.megatron.overlap_moe_expert_parallel_comm:
+        # the combined schedule runs one micro-batch's forward through a layer before the other's
+        # backward has freed that layer: one more layer's activations at the crossing
+        acts += max(per_layer, default=0)
     if stage == layout.pp - 1:
         vocab = padded_vocab(model, layout.tp)
         if layout.tp == 1 and not mtp:

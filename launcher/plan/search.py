@@ -73,6 +73,7 @@ def search_layouts(recipe: Recipe, cluster: Cluster, model: ModelDims, first_fit
     bf16_only = not recipe.megatron.grad_reduce_in_fp32
     fixed_split = (recipe.megatron.num_layers_in_first_pipeline_stage is not None
                    or recipe.megatron.num_layers_in_last_pipeline_stage is not None)
+    recompute = not recipe.megatron.overlap_moe_expert_parallel_comm  # (which refuses it: _fastest_fit)
     found: list[Candidate] = []
     too_big: list[tuple[str, ...]] = []
     valid = 0
@@ -93,7 +94,7 @@ def search_layouts(recipe: Recipe, cluster: Cluster, model: ModelDims, first_fit
                                 best = _fastest_fit(base, model, layout, node, capacity_gib, hw, extra, first_fit,
                                                     (tp, cp, pp, vpp, ep, etp, mbs), fixed_split, bf16_only)
                                 if best is None:
-                                    too_big.append(_overrides(tp, cp, pp, vpp, ep, etp, mbs, (True, True, True),
+                                    too_big.append(_overrides(tp, cp, pp, vpp, ep, etp, mbs, (True, recompute, True),
                                                               fixed_split))
                                     break  # a larger micro-batch needs more memory still
                                 found.append(best)
@@ -112,7 +113,10 @@ def _fastest_fit(base: Recipe, model: ModelDims, layout: Layout, node: int, capa
     where fp32 ones do not fit (or the recipe already asks for them)."""
     memories = {}  # by recompute, with fp32 gradient buffers (bf16 ones take half of that)
     best = None
-    for recompute, offload in ([(True, True)] if first_fit else [(False, False), (True, False), (False, True), (True, True)]):
+    mixes = [(True, True)] if first_fit else [(False, False), (True, False), (False, True), (True, True)]
+    if base.megatron.overlap_moe_expert_parallel_comm:  # megatron-core's combined schedule refuses recompute
+        mixes = [(False, True)] if first_fit else [(False, False), (False, True)]
+    for recompute, offload in mixes:
         if recompute not in memories:
             memories[recompute] = stage_memories(_with_options(base, (False, recompute, False)), model, layout,
                                                  capacity, **extra)

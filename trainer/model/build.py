@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from launcher.errors import UserError
 from trainer.model import fused, output_loss
 from trainer.model.hf_config import ModelArgs, model_args
 
@@ -66,6 +67,7 @@ def transformer_config(args: ModelArgs, recipe, dtype: torch.dtype):
         moe_z_loss_coeff=moe.z_loss_coeff,
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_router_force_load_balancing=moe.force_load_balancing,
+        overlap_moe_expert_parallel_comm=meg.overlap_moe_expert_parallel_comm,
         # On a GPU: megatron-core's GroupedMLP over torch._grouped_mm (trainer.model.experts),
         # with or without transformer-engine, and the trainer's sync-free token permutation
         # (trainer.model.dispatch). transformer-engine's grouped experts (one GEMM per expert
@@ -87,6 +89,9 @@ def transformer_config(args: ModelArgs, recipe, dtype: torch.dtype):
         fields["moe_router_bias_update_rate"] = 0.0  # the aux-loss-free bias stays as loaded
     if recipe.model.enable_gradient_checkpointing:
         fields.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if meg.overlap_moe_expert_parallel_comm and not torch.cuda.is_available():
+        raise UserError("megatron.overlap_moe_expert_parallel_comm=true: megatron-core's combined schedule runs "
+                        "on CUDA streams and this machine has no GPU; set it false")
     if recipe.model.enable_mtp:
         if not args.mtp_layers:
             raise ValueError(f"model.enable_mtp: {recipe.model.path}/config.json has no multi-token-prediction "

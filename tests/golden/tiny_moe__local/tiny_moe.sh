@@ -70,6 +70,7 @@ megatron:
   overlap_grad_reduce: false
   overlap_param_gather: false
   ddp_bucket_size: null
+  overlap_moe_expert_parallel_comm: false
   dist_checkpointing_path: null
 optim:
   lr: 0.003
