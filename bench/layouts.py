@@ -45,7 +45,7 @@ VARIANTS = {
     "balanced": ([BALANCED], ""),
     "balanced_overlap": ([BALANCED, "megatron.overlap_grad_reduce=true", "megatron.overlap_param_gather=true"], ""),
     "balanced_grad_overlap": ([BALANCED, "megatron.overlap_grad_reduce=true"], ""),
-    # buckets of 500M parameters: three reduce-scatters of the benchmark's dense gradients a step, not ~33
+    # 500M-parameter buckets (megatron-core's default: 40M)
     "balanced_grad_overlap_big": ([BALANCED, "megatron.overlap_grad_reduce=true", "megatron.ddp_bucket_size=500000000"], ""),
     "grad_overlap_big": (["megatron.overlap_grad_reduce=true", "megatron.ddp_bucket_size=500000000"], ""),
     "a2a_overlap": (["megatron.overlap_moe_expert_parallel_comm=true"], ""),
