@@ -73,7 +73,7 @@ def search_layouts(recipe: Recipe, cluster: Cluster, model: ModelDims, first_fit
     bf16_only = not recipe.megatron.grad_reduce_in_fp32
     fixed_split = (recipe.megatron.num_layers_in_first_pipeline_stage is not None
                    or recipe.megatron.num_layers_in_last_pipeline_stage is not None)
-    recompute = not recipe.megatron.overlap_moe_expert_parallel_comm  # (which refuses it: _fastest_fit)
+    may_recompute = not recipe.megatron.overlap_moe_expert_parallel_comm  # (which refuses it: _fastest_fit)
     found: list[Candidate] = []
     too_big: list[tuple[str, ...]] = []
     valid = 0
@@ -94,7 +94,7 @@ def search_layouts(recipe: Recipe, cluster: Cluster, model: ModelDims, first_fit
                                 best = _fastest_fit(base, model, layout, node, capacity_gib, hw, extra, first_fit,
                                                     (tp, cp, pp, vpp, ep, etp, mbs), fixed_split, bf16_only)
                                 if best is None:
-                                    too_big.append(_overrides(tp, cp, pp, vpp, ep, etp, mbs, (True, recompute, True),
+                                    too_big.append(_overrides(tp, cp, pp, vpp, ep, etp, mbs, (True, may_recompute, True),
                                                               fixed_split))
                                     break  # a larger micro-batch needs more memory still
                                 found.append(best)
