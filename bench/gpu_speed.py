@@ -343,7 +343,8 @@ def run_ours(name: str, model_dir: Path, mb: int, overrides: list[str], plain: s
             "data_wait_s": round(statistics.median(s["data_time_s"] for s in steady), 4), "peak_mem_gib": round(max(s["peak_memory_gib"] for s in steps), 2),
             "loss_first": steps[0]["loss"], "grad_norm_first": steps[0]["grad_norm"],
             "loss_last": steps[-1]["loss"], "planner_mem_gib": planner_gib(overrides),
-            "expert_rank_load": expert_rank_load(steps[-1], overrides)}
+            "expert_rank_load": expert_rank_load(steps[-1], overrides),
+            "dropped_fraction": steps[-1].get("moe_dropped_fraction")}  # with a capacity factor
 
 
 def expert_rank_load(step: dict, overrides: list[str]) -> float | None:

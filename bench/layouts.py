@@ -36,6 +36,13 @@ ROWS_PER_GPU = 8
 
 # Options measured beside a layout: recipe overrides, and trainer pieces turned off (MOE_PLAIN_KERNELS).
 BALANCED = "model.override_config.moe_config.force_load_balancing=true"
+
+
+def padded(capacity: float) -> list[str]:
+    """Each expert padded to `capacity` x its even share (tokens beyond it dropped): no host wait."""
+    moe = "model.override_config.moe_config"
+    return [f"{moe}.capacity_factor={capacity}", f"{moe}.pad_to_capacity=true"]
+
 VARIANTS = {
     "": ([], ""),  # the layout as it is
     "overlap": (["megatron.overlap_grad_reduce=true", "megatron.overlap_param_gather=true"], ""),
@@ -48,6 +55,10 @@ VARIANTS = {
     # 500M-parameter buckets (megatron-core's default: 40M)
     "balanced_grad_overlap_big": ([BALANCED, "megatron.overlap_grad_reduce=true", "megatron.ddp_bucket_size=500000000"], ""),
     "grad_overlap_big": (["megatron.overlap_grad_reduce=true", "megatron.ddp_bucket_size=500000000"], ""),
+    "balanced_pad": ([BALANCED, *padded(1.0)], ""),
+    "balanced_pad125": ([BALANCED, *padded(1.25)], ""),
+    "pad125": (padded(1.25), ""),
+    "pad": (padded(1.0), ""),
     "a2a_overlap": (["megatron.overlap_moe_expert_parallel_comm=true"], ""),
     "balanced_a2a_overlap": ([BALANCED, "megatron.overlap_moe_expert_parallel_comm=true"], ""),
 }
@@ -97,7 +108,7 @@ def run(args) -> None:
         layout = layout_overrides(spec)
         # run_ours puts its own batch and EP first; ours come after and win
         overrides = recipe_overrides(gpus, mb, layout, data)
-        profile = out / f"{args.name}.{spec}-g{gpus}.profile.json" if f"{spec}@{gpus}" == args.profile else None
+        profile = out / f"{args.name}.{spec.replace('+', '_')}-g{gpus}.profile.json" if f"{spec}@{gpus}" == args.profile else None
         plain = VARIANTS[spec.partition("+")[2]][1]
         row = gpu_speed.run_ours(f"{spec}-g{gpus}", MODEL, mb, overrides[1:], plain=plain, gpus=gpus, profile=profile,
                                  te=args.te)

@@ -29,6 +29,10 @@ class MoeConfig:
     z_loss_coeff: Optional[float] = None
     # None: dropless routing. A number: each expert takes at most capacity x its fair share.
     capacity_factor: Optional[float] = None
+    # Every expert gets exactly capacity tokens (short ones padded with tokens weighted zero):
+    # the all-to-all's sizes are known before routing, so the host never waits to read them
+    # (megatron-core's moe_pad_expert_input_to_capacity; needs capacity_factor).
+    pad_to_capacity: bool = False
     token_dispatcher: str = choices("alltoall", "allgather", default="alltoall")
     # Benchmarking only: every token goes to random experts in equal numbers (megatron-core's
     # moe_router_force_load_balancing), so that speed does not depend on how balanced a
@@ -304,6 +308,13 @@ def _check(recipe: Recipe, path: Path, lines) -> None:
     if recipe.megatron.overlap_param_gather and not recipe.megatron.use_distributed_optimizer:
         bad("megatron.overlap_param_gather", "true needs megatron.use_distributed_optimizer: true (only the "
             "distributed optimizer gathers parameters); set one or the other")
+    moe = recipe.model.override_config.moe_config
+    if moe.capacity_factor is not None and moe.capacity_factor <= 0:
+        bad("model.override_config.moe_config.capacity_factor", f"{moe.capacity_factor} must be above 0 "
+            "(1.0: each expert takes at most its even share of the tokens), or null for dropless routing")
+    if moe.pad_to_capacity and moe.capacity_factor is None:
+        bad("model.override_config.moe_config.pad_to_capacity", "true needs a capacity_factor (each expert is "
+            "padded to that capacity; megatron-core's rule); set one, for example 1.25, or set pad_to_capacity false")
     if recipe.megatron.sequence_parallel and recipe.megatron.tensor_model_parallel_size == 1:
         bad("megatron.sequence_parallel", "true needs megatron.tensor_model_parallel_size > 1; set it to false")
     if not _TIME.fullmatch(recipe.job.time_limit):

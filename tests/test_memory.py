@@ -61,6 +61,23 @@ def test_recompute_shrinks_activations():
     assert 1.75 * full.activations < longer.activations < 2 * full.activations
 
 
+def test_the_busiest_expert_rank_is_counted_as_routing_or_capacity_allows():
+    """Dropless routing under EP leaves the busiest rank's load to the router (a headroom above
+    the even share); a capacity factor caps it; padding to capacity fixes it."""
+    moe = "model.override_config.moe_config"
+    dropless = plan("qwen2_moe").memory  # EP 4
+    capped = plan("qwen2_moe", "slurm", f"{moe}.capacity_factor=1.1").memory
+    full = plan("qwen2_moe", "slurm", f"{moe}.capacity_factor=1.0", f"{moe}.pad_to_capacity=true").memory
+    padded = plan("qwen2_moe", "slurm", f"{moe}.capacity_factor=1.5", f"{moe}.pad_to_capacity=true").memory
+    assert full.activations < capped.activations < dropless.activations < padded.activations
+    assert padded.params == dropless.params
+    # one EP rank holds every expert: exactly the even share, as padded to capacity 1.0 holds
+    one_rank = ["megatron.expert_model_parallel_size=1"]
+    assert plan("qwen2_moe", "slurm", *one_rank).memory.activations == pytest.approx(
+        plan("qwen2_moe", "slurm", *one_rank, f"{moe}.capacity_factor=1.0", f"{moe}.pad_to_capacity=true"
+             ).memory.activations)
+
+
 def test_deepseek_fits_on_h200_not_on_h100(tmp_path):
     rc, out, err = run_launcher("validate", RECIPES / "deepseek_v3.yaml", "--cluster", "slurm")
     assert rc == 2 and "but cluster 'slurm' has 80.0 GiB" in err and "Traceback" not in err

@@ -105,3 +105,17 @@ def test_chat_template_options_are_a_mapping(tmp_path):
     path = write(tmp_path, "model:\n  path: m\ndata:\n  apply_chat_template_kwargs: [enable_thinking]\n")
     (p,) = problems(lambda: load_recipe(path))
     assert "r.yaml:4: data.apply_chat_template_kwargs: ['enable_thinking'] is not a mapping" in p
+
+
+def test_padding_experts_to_capacity_needs_a_capacity_as_megatron_core_says():
+    moe = "model.override_config.moe_config"
+    (p,) = problems(lambda: load_recipe(RECIPES / "tiny_moe.yaml", [f"{moe}.pad_to_capacity=true"]))
+    assert f"{moe}.pad_to_capacity: true needs a capacity_factor" in p
+    (p,) = problems(lambda: load_recipe(RECIPES / "tiny_moe.yaml", [f"{moe}.capacity_factor=0"]))
+    assert f"{moe}.capacity_factor: 0.0 must be above 0" in p and "null for dropless" in p
+    padded = load_recipe(RECIPES / "tiny_moe.yaml", [f"{moe}.pad_to_capacity=true", f"{moe}.capacity_factor=1.25"])
+    assert padded.model.override_config.moe_config.pad_to_capacity
+    transformer_config = pytest.importorskip("megatron.core.transformer.transformer_config")
+    with pytest.raises(ValueError, match="capacity_factor must be set"):
+        transformer_config.TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_moe_experts=4,
+                                             moe_router_topk=2, moe_pad_expert_input_to_capacity=True)

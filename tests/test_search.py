@@ -25,6 +25,8 @@ CASES = [  # the shipped models on several cluster sizes
     ("qwen3_235b_a22b", "slurm", ["megatron.grad_reduce_in_fp32=false"]),  # a recipe already on bf16 gradients
     ("deepseek_v3_lora", "slurm", []), ("qwen3_235b_a22b_lora", "slurm", []),  # LoRA: adapters, frozen base
     ("qwen2_moe", "slurm", ["megatron.overlap_moe_expert_parallel_comm=true"]),  # no recompute, EP > 1
+    ("mixtral_8x7b", "slurm", ["model.override_config.moe_config.capacity_factor=1.25",
+                               "model.override_config.moe_config.pad_to_capacity=true"]),  # padded experts
 ]
 
 
@@ -152,6 +154,25 @@ def test_speed_model_costs_what_each_layout_pays():
     assert overlapped.tokens_per_s_per_gpu > plain.tokens_per_s_per_gpu
     assert base.bottleneck in {"compute", "ep_alltoall", "tp_comm", "cp_comm", "pp_comm", "pp_bubble", "grad_reduce",
                                "optimizer", "host_offload"}
+
+
+def test_experts_padded_to_capacity_cost_their_padding_and_no_host_wait():
+    moe = "model.override_config.moe_config"
+    dropless = speed_of()  # EP 4 inside a node
+    full = speed_of(f"{moe}.capacity_factor=1.0", f"{moe}.pad_to_capacity=true")
+    padded = speed_of(f"{moe}.capacity_factor=1.25", f"{moe}.pad_to_capacity=true")
+    hw = hardware(load_cluster("slurm"))
+    recipe = load_recipe(RECIPES / "qwen3_235b_a22b.yaml")
+    layout = plan_layout(recipe, read_model(recipe.model.path), 8)
+    moe_layers_per_stage = max(layout.stage_layers)  # every layer of Qwen3-235B is an MoE layer
+    waits = moe_layers_per_stage * layout.num_microbatches * hw.ep_sync_ms / 1e3
+    # capacity 1.0 moves as many tokens as dropless routing, without the host reading their counts
+    assert full.parts["compute"] == pytest.approx(dropless.parts["compute"])
+    assert full.parts["ep_alltoall"] == pytest.approx(dropless.parts["ep_alltoall"] - waits)
+    # a quarter more copies: a quarter more expert work and all-to-all bytes
+    assert padded.parts["compute"] > full.parts["compute"]
+    assert padded.parts["ep_alltoall"] > full.parts["ep_alltoall"]
+    assert padded.tokens_per_s_per_gpu < full.tokens_per_s_per_gpu
 
 
 def test_a_profile_can_give_its_own_hardware_figures(tmp_path):

@@ -71,8 +71,8 @@ def test_layouts_give_the_same_losses_as_ep2(tmp_path, init_checkpoint, baseline
 
 def test_z_loss_capacity_factor_and_forced_balance_act_on_training(tmp_path, init_checkpoint, baseline):
     """Router z-loss adds to the gradients but not to the LM loss; a capacity factor drops
-    tokens, which changes the output and the tokens each expert receives; forced load
-    balancing routes to random experts."""
+    tokens, which changes the output, and the metrics say how many; padding every expert to
+    that capacity changes nothing but the shapes; forced load balancing routes to random experts."""
     run, _ = baseline
     first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][0]
     moe = "model.override_config.moe_config"
@@ -84,8 +84,21 @@ def test_z_loss_capacity_factor_and_forced_balance_act_on_training(tmp_path, ini
                           "trainer.total_training_steps=1", *STEADY, f"{moe}.capacity_factor=0.5")
     # at initialisation the experts' output is small, so dropping tokens moves the loss a little
     assert abs(dropped[0]["loss"] - first["loss"]) > 2e-6 * first["loss"]
+    # the counts are the router's choices: top-2 for every token, and in the first layer (whose
+    # input the dropping has not touched yet) those of the run without a capacity; at most half
+    # of them fit under capacity 0.5
     for layer, counts in dropped[0]["tokens_per_expert"].items():
-        assert sum(counts) < sum(first["tokens_per_expert"][layer])
+        assert sum(counts) == sum(first["tokens_per_expert"][layer])
+    assert dropped[0]["tokens_per_expert"]["layer_0"] == first["tokens_per_expert"]["layer_0"]
+    assert "moe_dropped_fraction" not in first
+    assert 0.5 <= dropped[0]["moe_dropped_fraction"] < 1
+    _, _, padded = train(tmp_path / "pad", f"megatron.dist_checkpointing_path={init_checkpoint}",
+                         "trainer.total_training_steps=1", *STEADY, f"{moe}.capacity_factor=0.5",
+                         f"{moe}.pad_to_capacity=true")
+    assert padded[0]["loss"] == pytest.approx(dropped[0]["loss"], rel=1e-6)
+    assert padded[0]["grad_norm"] == pytest.approx(dropped[0]["grad_norm"], rel=1e-5)
+    assert padded[0]["moe_dropped_fraction"] == dropped[0]["moe_dropped_fraction"]
+    assert padded[0]["tokens_per_expert"] == dropped[0]["tokens_per_expert"]  # not the padded map
     # benchmarking's random routing: other experts than the router's, every token still routed top-k
     _, _, forced = train(tmp_path / "fb", f"megatron.dist_checkpointing_path={init_checkpoint}",
                          "trainer.total_training_steps=1", *STEADY, f"{moe}.force_load_balancing=true")

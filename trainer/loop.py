@@ -27,6 +27,7 @@ from trainer import checkpoint, devices, optimizer_step
 from trainer.model import fused
 from trainer.metrics import InFlight, MetricsLog, flops_per_token, peak_tflops
 from trainer.profile import StepProfile
+from trainer.routing import RoutingCounter, dropped_fraction, per_layer
 
 STOP_FILE = "SAVE_AND_EXIT"  # written by the Slurm script when the time limit is near
 
@@ -293,35 +294,6 @@ def zero_grads(run: Run) -> None:
     for chunk in run.model:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
-
-
-class RoutingCounter:
-    """Tokens routed to each expert of each MoE layer, from the routers' routing maps."""
-
-    def __init__(self, model_chunks, num_layers: int, num_experts: int):
-        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=devices.device())
-        for chunk in model_chunks:
-            for name, module in chunk.named_modules():
-                if name.endswith("mlp.router"):
-                    module.register_forward_hook(self.hook)
-
-    def hook(self, module, inputs, output):
-        if torch._C._current_graph_task_id() != -1:
-            return  # the forward run again by activation recompute, inside backward
-        routing_map = output[1]
-        self.counts[module.layer_number - 1] += routing_map.sum(dim=0).to(self.counts)
-
-    def take(self) -> torch.Tensor:
-        """This step's counts [layers, experts], summed over ranks (on the device), and a fresh start."""
-        dist.all_reduce(self.counts)
-        counts = self.counts.clone()
-        self.counts.zero_()
-        return counts
-
-
-def per_layer(counts, duplicates: int) -> dict[str, list[int]]:
-    """tokens_per_expert as the metrics log it: layers that routed anything, TP duplicates removed."""
-    return {f"layer_{i}": [int(round(c / duplicates)) for c in row] for i, row in enumerate(counts) if sum(row) > 0}
 
 
 def moe_aux_loss():
@@ -601,6 +573,8 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
                   "moe_aux_loss": aux[0] / max(aux[1], 1) / n["micro_batches"] if aux else None,
                   "mtp_loss": mtp[0] / n["micro_batches"] if mtp else None,
                   "tokens_per_expert": per_layer(n["routed"], duplicates), "skipped_update": not n["ok"]}
+        if recipe.model.override_config.moe_config.capacity_factor is not None:
+            record["moe_dropped_fraction"] = dropped_fraction(n["routed"])
         if devices.on_gpu():
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         record["alerts"] = step_alerts(record, recent_losses, recipe.trainer.alert_loss_spike,

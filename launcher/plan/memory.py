@@ -98,6 +98,32 @@ def stage_params(model: ModelDims, layout: Layout, stage: int, mtp: int = 0) -> 
     return dense, expert
 
 
+# Dropless routing under EP: the busiest rank's experts receive more than the even share of the
+# routed tokens, by as much as the router decides. Memory allows a quarter more; measured on the
+# benchmark model (bench/README.md), the busiest rank held 1.0x the even share under forced balance
+# and, with its untrained router, what 1.2x (EP=2) and 1.5x (EP=4) would hold.
+ROUTING_HEADROOM = 1.25
+
+
+def expert_padding(recipe: Recipe) -> float:
+    """Routed token copies per router choice: with pad_to_capacity every expert processes its
+    full capacity (capacity_factor x its even share), however many tokens chose it."""
+    moe = recipe.model.override_config.moe_config
+    return moe.capacity_factor if moe.pad_to_capacity and moe.capacity_factor else 1.0
+
+
+def busiest_rank_share(recipe: Recipe, layout: Layout) -> float:
+    """Routed token copies the fullest expert-parallel rank holds, over the even share: the
+    padded capacity; with one EP rank all of them (exactly the even share); else the headroom
+    above, or less where a capacity factor caps every expert."""
+    moe = recipe.model.override_config.moe_config
+    if moe.pad_to_capacity and moe.capacity_factor:
+        return moe.capacity_factor
+    if layout.ep == 1:
+        return 1.0
+    return min(ROUTING_HEADROOM, moe.capacity_factor or ROUTING_HEADROOM)
+
+
 def layer_activation_bytes(model: ModelDims, layout: Layout, recipe: Recipe, moe: bool) -> float:
     """Bytes one layer keeps for backward, for one micro-batch, on one GPU."""
     s = recipe.data.max_length / layout.cp
@@ -119,7 +145,7 @@ def layer_activation_bytes(model: ModelDims, layout: Layout, recipe: Recipe, moe
     # layer input, norm output (the QKV input), projection input, residual
     attn = 2 * (tokens * 3 * h + heads_part)
     if moe:
-        routed = tokens * model.topk * etp  # token copies this rank's experts process
+        routed = tokens * model.topk * etp * busiest_rank_share(recipe, layout)  # copies this rank's experts process
         experts = routed * (2 * h + 3 * model.moe_ffn / etp)  # permuted in/out, fc1 (gate+up), act
         shared = s * b * 3 * model.shared_ffn / tp
         mlp = 2 * (tokens * 2 * h + experts + shared) + 4 * tokens * model.num_experts  # router probs fp32

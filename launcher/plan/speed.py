@@ -11,7 +11,8 @@ step, on the slowest pipeline stage of one GPU:
   (t / (t + EXPERT_TOKENS_HALF)), plus a fixed host time per layer and micro-batch (the
   trainer launches its kernels from Python);
 - communication, not overlapped with compute except where the recipe turns on megatron-core's
-  DDP overlap (below): EP all-to-all of the routed tokens (4 per MoE layer and micro-batch), TP/SP
+  DDP overlap (below): EP all-to-all of the routed tokens (4 per MoE layer and micro-batch, and
+  the host's wait for their counts unless the experts are padded to capacity), TP/SP
   all-gathers and reduce-scatters (3 per attention block and per TP-split MLP: megatron-core
   runs the column-parallel backward's two under its GEMMs), CP's key/value
   all-gather and its gradient's reduce-scatter (with transformer-engine, plus a fixed time per
@@ -35,7 +36,7 @@ from dataclasses import dataclass, replace
 
 from launcher.cluster import Cluster
 from launcher.plan.layout import Layout
-from launcher.plan.memory import stage_adapter_params, stage_params
+from launcher.plan.memory import expert_padding, stage_adapter_params, stage_params
 from launcher.plan.models import ModelDims
 from launcher.recipe import Recipe
 
@@ -141,7 +142,8 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
 
     tokens = mbs * seq  # one micro-batch of one data-parallel replica
     rank_tokens = tokens / (cp * (tp if layout.sequence_parallel else 1))  # hidden states a rank holds
-    per_expert = tokens / cp * model.topk * ep * etp / (tp * model.num_experts)
+    padding = expert_padding(recipe)  # padded to capacity: more copies, sizes known without the host's wait
+    per_expert = tokens / cp * model.topk * padding * ep * etp / (tp * model.num_experts)
     width = model.moe_ffn / etp
     expert_eff = per_expert / (per_expert + EXPERT_TOKENS_HALF) * width / (width + EXPERT_WIDTH_HALF)
     dense_moe, expert_moe = flops_per_token(model, seq, True)
@@ -163,7 +165,7 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
         n_moe = len(moe_set.intersection(layers)) + (mtp if stage == pp - 1 else 0)
         n_dense = count - len(moe_set.intersection(layers))
         flops_dense = tokens * (n_moe * dense_moe + n_dense * dense_plain) * recompute * frozen
-        flops_expert = tokens * n_moe * expert_moe * recompute * frozen
+        flops_expert = tokens * n_moe * expert_moe * padding * recompute * frozen
         if stage == pp - 1:  # output layer(s) and loss
             flops_dense += tokens * (1 + mtp) * 6 * model.hidden * model.vocab
         compute = (flops_dense + flops_expert / expert_eff) / (tp * cp) / peak
@@ -176,8 +178,9 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
         # TP adds the dispatcher's all-gather and reduce-scatter, forward and backward.
         tp_comm = collective(hidden_bytes, tp, tp, 3 * n_layers + 3 * n_dense
                              + (4 * n_moe if etp > 1 else 0) + (3 * n_moe if model.shared_ffn else 0))
-        ep_comm = collective(rank_tokens * model.topk * model.hidden * bf16, ep, etp * ep, 4 * n_moe)
-        ep_comm += n_moe * hw.ep_sync_ms / 1e3 if ep > 1 else 0.0
+        ep_comm = collective(rank_tokens * model.topk * padding * model.hidden * bf16, ep, etp * ep, 4 * n_moe)
+        padded = recipe.model.override_config.moe_config.pad_to_capacity
+        ep_comm += n_moe * hw.ep_sync_ms / 1e3 if ep > 1 and not padded else 0.0
         cp_comm = collective(tokens * kv_width * bf16, cp, tp * cp, 2 * n_layers)
         if hw.transformer_engine:  # its ring's steps, each a call, an exchange and a merge
             cp_comm += (cp - 1) * n_layers * hw.te_cp_ring_ms / 1e3

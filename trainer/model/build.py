@@ -66,6 +66,7 @@ def transformer_config(args: ModelArgs, recipe, dtype: torch.dtype):
         moe_token_dispatcher_type=moe.token_dispatcher,
         moe_z_loss_coeff=moe.z_loss_coeff,
         moe_expert_capacity_factor=moe.capacity_factor,
+        moe_pad_expert_input_to_capacity=moe.pad_to_capacity,
         moe_router_force_load_balancing=moe.force_load_balancing,
         overlap_moe_expert_parallel_comm=meg.overlap_moe_expert_parallel_comm,
         # On a GPU: megatron-core's GroupedMLP over torch._grouped_mm (trainer.model.experts),

@@ -20,6 +20,7 @@ model:
       aux_loss_coeff: null
       z_loss_coeff: null
       capacity_factor: null
+      pad_to_capacity: false
       token_dispatcher: alltoall
       force_load_balancing: false
   lora:
