@@ -9,6 +9,8 @@ the step is logged (trainer.metrics.InFlight)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -34,6 +36,8 @@ class RoutingCounter:
         row = self.counts[module.layer_number - 1]
         if chosen is None:  # dropless: the router's map is its choice
             row[:-1] += output[1].sum(dim=0).to(row)
+            if module.config.moe_expert_capacity_factor is not None:
+                row[-1] = float("nan")  # a megatron-core that drops elsewhere: the share is unknown
             return
         per_expert, kept = chosen
         row[:-1] += per_expert.to(row)
@@ -56,8 +60,8 @@ def per_layer(counts, duplicates: int) -> dict[str, list[int]]:
 
 def dropped_fraction(counts) -> float | None:
     """The share of routing choices the capacity dropped this step; None when nothing was routed."""
-    chosen = sum(sum(row[:-1]) for row in counts)
-    return sum(row[-1] for row in counts) / chosen if chosen else None
+    chosen, dropped = sum(sum(row[:-1]) for row in counts), sum(row[-1] for row in counts)
+    return dropped / chosen if chosen and math.isfinite(dropped) else None
 
 
 def _watch_token_dropping() -> None:
