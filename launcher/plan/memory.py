@@ -117,10 +117,8 @@ def busiest_rank_share(recipe: Recipe, layout: Layout) -> float:
     padded capacity; with one EP rank all of them (exactly the even share); else the headroom
     above, or less where a capacity factor caps every expert."""
     moe = recipe.model.override_config.moe_config
-    if moe.pad_to_capacity and moe.capacity_factor:
-        return moe.capacity_factor
-    if layout.ep == 1:
-        return 1.0
+    if moe.pad_to_capacity or layout.ep == 1:
+        return expert_padding(recipe)
     return min(ROUTING_HEADROOM, moe.capacity_factor or ROUTING_HEADROOM)
 
 

@@ -143,6 +143,7 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
     tokens = mbs * seq  # one micro-batch of one data-parallel replica
     rank_tokens = tokens / (cp * (tp if layout.sequence_parallel else 1))  # hidden states a rank holds
     padding = expert_padding(recipe)  # padded to capacity: more copies, sizes known without the host's wait
+    padded = recipe.model.override_config.moe_config.pad_to_capacity
     per_expert = tokens / cp * model.topk * padding * ep * etp / (tp * model.num_experts)
     width = model.moe_ffn / etp
     expert_eff = per_expert / (per_expert + EXPERT_TOKENS_HALF) * width / (width + EXPERT_WIDTH_HALF)
@@ -179,7 +180,6 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
         tp_comm = collective(hidden_bytes, tp, tp, 3 * n_layers + 3 * n_dense
                              + (4 * n_moe if etp > 1 else 0) + (3 * n_moe if model.shared_ffn else 0))
         ep_comm = collective(rank_tokens * model.topk * padding * model.hidden * bf16, ep, etp * ep, 4 * n_moe)
-        padded = recipe.model.override_config.moe_config.pad_to_capacity
         ep_comm += n_moe * hw.ep_sync_ms / 1e3 if ep > 1 and not padded else 0.0
         cp_comm = collective(tokens * kv_width * bf16, cp, tp * cp, 2 * n_layers)
         if hw.transformer_engine:  # its ring's steps, each a call, an exchange and a merge
