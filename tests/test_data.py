@@ -246,7 +246,9 @@ def test_context_parallel_pieces_attend_like_the_dense_mask(tmp_path, tokenizer,
         assert spans.max_query <= chunk and int(spans.key_cu[-1]) < s * b * (1 + 1 / cp)
         for t in (q, k, v):
             t.grad = None
-        out = cp_attention.attend(q[mine], k, v, spans, dim ** -0.5)
+        # what the all-gather of the ranks' keys and values gives, built here from the whole rows
+        keys_values = cp_attention.in_gathered_order(torch.cat((k, v), dim=-1), cp)
+        out = cp_attention.attend(q[mine], keys_values, dim, spans, dim ** -0.5)
         assert torch.allclose(out, dense[mine].detach(), atol=1e-5), f"rank {rank} of {cp}"
         out.backward(grad[mine])
         for total, t in zip(found, (q, k, v)):

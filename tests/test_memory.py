@@ -63,7 +63,8 @@ def test_recompute_shrinks_activations():
 
 def test_the_busiest_expert_rank_is_counted_as_routing_or_capacity_allows():
     """Dropless routing under EP leaves the busiest rank's load to the router (a headroom above
-    the even share); a capacity factor caps it; padding to capacity fixes it."""
+    the even share); a capacity factor caps it; padding to capacity fixes it; a router forced to
+    balance spreads it evenly."""
     moe = "model.override_config.moe_config"
     dropless = plan("qwen2_moe").memory  # EP 4
     capped = plan("qwen2_moe", "slurm", f"{moe}.capacity_factor=1.1").memory
@@ -71,6 +72,8 @@ def test_the_busiest_expert_rank_is_counted_as_routing_or_capacity_allows():
     padded = plan("qwen2_moe", "slurm", f"{moe}.capacity_factor=1.5", f"{moe}.pad_to_capacity=true").memory
     assert full.activations < capped.activations < dropless.activations < padded.activations
     assert padded.params == dropless.params
+    forced = plan("qwen2_moe", "slurm", f"{moe}.force_load_balancing=true").memory
+    assert forced.activations == pytest.approx(full.activations)
     # one EP rank holds every expert: exactly the even share, as padded to capacity 1.0 holds
     one_rank = ["megatron.expert_model_parallel_size=1"]
     assert plan("qwen2_moe", "slurm", *one_rank).memory.activations == pytest.approx(

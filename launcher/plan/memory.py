@@ -114,10 +114,11 @@ def expert_padding(recipe: Recipe) -> float:
 
 def busiest_rank_share(recipe: Recipe, layout: Layout) -> float:
     """Routed token copies the fullest expert-parallel rank holds, over the even share: the
-    padded capacity; with one EP rank all of them (exactly the even share); else the headroom
-    above, or less where a capacity factor caps every expert."""
+    padded capacity; with one EP rank all of them (exactly the even share), and about that
+    where the router is forced to balance (random, even choices); else the headroom above, or
+    less where a capacity factor caps every expert."""
     moe = recipe.model.override_config.moe_config
-    if moe.pad_to_capacity or layout.ep == 1:
+    if moe.pad_to_capacity or layout.ep == 1 or moe.force_load_balancing:
         return expert_padding(recipe)
     return min(ROUTING_HEADROOM, moe.capacity_factor or ROUTING_HEADROOM)
 

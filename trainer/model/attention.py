@@ -94,9 +94,9 @@ class SDPAttention(MegatronModule):
         if getattr(spans, "key_index", None) is None:
             raise ValueError("context parallelism without transformer-engine needs the micro-batch's sample "
                              "pieces of this rank (trainer.loop.on_this_cp_rank)")
-        key, value = cp_attention.gather_sequence(key), cp_attention.gather_sequence(value)
+        keys_values = cp_attention.gather_keys_values(key, value)
         varlen = _varlen_attn() if query.is_cuda else None
-        return cp_attention.attend(query, key, value, spans, self.softmax_scale, varlen)
+        return cp_attention.attend(query, keys_values, key.shape[-1], spans, self.softmax_scale, varlen)
 
     def _attend_flex(self, query, key, value, boundaries):
         """FlexAttention with a same-sample causal mask: [s, b, heads, dim] -> [s, b, heads x dim].

@@ -2,13 +2,16 @@
 
 megatron-core gives CP rank r two of every row's 2 x CP equal chunks, chunk r and chunk
 2 x CP - 1 - r (which balances the causal work). Each rank all-gathers the keys and values of
-whole rows (`gather_sequence`) and attends with its own queries. Within one chunk, the queries
+whole rows in one collective (`gather_keys_values`; its backward one reduce-scatter) and
+attends with its own queries. Within one chunk, the queries
 of one packed sample see that sample's keys from its first token up to themselves: a span of
 queries and a longer span of keys that end on the same token, i.e. causal attention aligned to
 the lower right, flash attention's convention when the two lengths differ. Every (row, chunk,
 sample) piece is such a span; flash's variable-length kernel takes all of them in one call,
 with each piece's keys copied into one packed tensor (a row's early keys serve both of its
-chunks: about (1 + 1 / (2 x CP)) x the row's keys in all).
+chunks: about (1 + 1 / (2 x CP)) x the row's keys in all). That copy reads the gathered keys
+where the all-gather left them, rank after rank (`key_index` points there), so they are never
+put back in sequence order first.
 
 It replaced a dense [b, 1, s / CP, s] boolean mask and SDPA's memory-efficient kernel, which
 computed every score, masked or not: s^2 / CP bytes of mask per row (2 GiB at 64k tokens under
@@ -32,14 +35,28 @@ def rank_positions(length: int, cp: int, rank: int) -> np.ndarray:
                            np.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk)])
 
 
+def gathered_positions(length: int, cp: int) -> np.ndarray:
+    """For each position of a row, its place along the CP all-gather's output: the ranks' tokens
+    one rank after another, each rank's in the order `rank_positions` gives."""
+    places = np.empty(length, dtype=np.int64)
+    places[np.concatenate([rank_positions(length, cp, r) for r in range(cp)])] = np.arange(length)
+    return places
+
+
+def in_gathered_order(x: torch.Tensor, cp: int) -> torch.Tensor:
+    """[s, ...] in sequence order -> the layout the all-gather of the CP ranks' parts gives (for
+    checks that hold the whole sequence on one process)."""
+    return torch.cat([x[torch.from_numpy(rank_positions(x.shape[0], cp, r)).to(x.device)] for r in range(cp)])
+
+
 def rank_spans(cu_seqlens: np.ndarray, rows: int, length: int, cp: int, rank: int) -> dict:
     """This CP rank's attention pieces, from the samples' cumulative lengths over the micro-batch's
     rows laid end to end (`trainer.data.batches.sample_boundaries`: every row starts a sample).
 
     Returns numpy arrays: `query_cu` and `key_cu` (int32, [pieces + 1]: the pieces' offsets in
     this rank's queries, row after row in the order megatron-core keeps them, and in the packed
-    keys), `key_index` (int64: each packed key's position among the rows' gathered keys) and
-    the longest piece of each, `max_query` and `max_key`."""
+    keys), `key_index` (int64: where each packed key lies in the gathered keys [s, rows], read
+    as one [s x rows] axis) and the longest piece of each, `max_query` and `max_key`."""
     chunk = length // (2 * cp)
     # positions (rows end to end) of this rank's queries, in its local order
     local = (np.arange(rows)[:, None] * length + rank_positions(length, cp, rank)).reshape(-1)
@@ -54,7 +71,8 @@ def rank_spans(cu_seqlens: np.ndarray, rows: int, length: int, cp: int, rank: in
     key_from = starts[sample[first]]
     key_len = local[last] + 1 - key_from
     key_cu = np.concatenate([[0], np.cumsum(key_len)])
-    key_index = np.arange(key_cu[-1]) - np.repeat(key_cu[:-1] - key_from, key_len)
+    key_at = np.arange(key_cu[-1]) - np.repeat(key_cu[:-1] - key_from, key_len)  # rows end to end
+    key_index = gathered_positions(length, cp)[key_at % length] * rows + key_at // length
     return {"query_cu": np.concatenate([[0], np.cumsum(query_len)]).astype(np.int32),
             "key_cu": key_cu.astype(np.int32), "key_index": key_index,
             "max_query": int(query_len.max()), "max_key": int(key_len.max())}
@@ -73,19 +91,19 @@ def spans_on_device(spans: dict, device) -> torch.Tensor:
     return carrier
 
 
-def attend(query, key, value, spans: torch.Tensor, scale: float, varlen=None) -> torch.Tensor:
-    """This rank's queries [s / CP, b, heads, dim] against whole rows' keys and values
-    [s, b, kv heads, dim] (gathered, in sequence order) -> [s / CP, b, heads x value dim].
-    `varlen` is flash's variable-length attention (trainer.model.attention._varlen_attn), or
-    None to attend piece by piece with SDPA."""
+def attend(query, keys_values, key_dim: int, spans: torch.Tensor, scale: float, varlen=None) -> torch.Tensor:
+    """This rank's queries [s / CP, b, heads, dim] against whole rows' keys and values laid side
+    by side, [s, b, kv heads, key_dim + value dim] as `gather_keys_values` returns them
+    -> [s / CP, b, heads x value dim]. `varlen` is flash's variable-length attention
+    (trainer.model.attention._varlen_attn), or None to attend piece by piece with SDPA."""
     local, rows, heads, dim = query.shape
-    value_dim = value.shape[-1]
-    if value_dim < dim and varlen is not None:  # MLA: flash wants one width for values and keys
-        value = F.pad(value, (0, dim - value_dim))
+    value_dim = keys_values.shape[-1] - key_dim
     q = query.transpose(0, 1).reshape(rows * local, heads, dim)
-    k, v = (t.transpose(0, 1).reshape(-1, t.shape[2], t.shape[3]).index_select(0, spans.key_index)
-            for t in (key, value))
+    flat = keys_values.reshape(-1, *keys_values.shape[2:])  # [s x b, ...]: the gather's own layout
+    k, v = (part.index_select(0, spans.key_index) for part in (flat[..., :key_dim], flat[..., key_dim:]))
     if varlen is not None:
+        if value_dim < dim:  # MLA: flash wants one width for values and keys
+            v = F.pad(v, (0, dim - value_dim))
         out = varlen(q, k, v, spans, spans.key_cu, spans.max_query, spans.max_key, scale)[..., :value_dim]
     else:
         out = torch.cat([_attend_piece(q[qa:qb], k[ka:kb], v[ka:kb], scale)
@@ -108,35 +126,30 @@ def _attend_piece(q, k, v, scale: float) -> torch.Tensor:
 
 
 class _AllGatherSequence(torch.autograd.Function):
-    """All-gather along the sequence (dim 0) over the CP group; backward sums the gradient of
-    the whole sequence over the ranks and keeps this rank's part (all-reduce works on gloo,
-    where reduce-scatter does not)."""
+    """All-gather along the sequence (dim 0) over the CP group, rank after rank; backward sums
+    the gradient of the whole sequence over the ranks and keeps this rank's part: one
+    reduce-scatter."""
 
     @staticmethod
     def forward(ctx, x):
         from megatron.core import parallel_state as ps
 
-        group = ps.get_context_parallel_group()
-        ctx.group, ctx.rank, ctx.length = group, ps.get_context_parallel_rank(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
-        torch.distributed.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=0)
+        ctx.group = ps.get_context_parallel_group()
+        x = x.contiguous()
+        out = x.new_empty((x.shape[0] * torch.distributed.get_world_size(ctx.group), *x.shape[1:]))
+        torch.distributed.all_gather_into_tensor(out, x, group=ctx.group)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
-        torch.distributed.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank * ctx.length:(ctx.rank + 1) * ctx.length]
+        out = grad.new_empty((grad.shape[0] // torch.distributed.get_world_size(ctx.group), *grad.shape[1:]))
+        torch.distributed.reduce_scatter_tensor(out, grad, group=ctx.group)
+        return out
 
 
-def gather_sequence(x: torch.Tensor) -> torch.Tensor:
-    """[s / CP, ...] on each rank (its two chunks) -> [s, ...] in sequence order."""
-    from megatron.core import parallel_state as ps
-
-    cp = ps.get_context_parallel_world_size()
-    gathered = _AllGatherSequence.apply(x)
-    chunks = gathered.chunk(2 * cp, dim=0)  # rank r holds chunks r and 2cp-1-r, in rank order
-    ordered = [None] * (2 * cp)
-    for r in range(cp):
-        ordered[r], ordered[2 * cp - 1 - r] = chunks[2 * r], chunks[2 * r + 1]
-    return torch.cat(ordered, dim=0)
+def gather_keys_values(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """[s / CP, b, kv heads, key dim] and [.., value dim] on each rank (its two chunks) -> both
+    side by side for the whole rows, [s, b, kv heads, key dim + value dim], in the all-gather's
+    order (`gathered_positions`): one collective each way instead of two."""
+    return _AllGatherSequence.apply(torch.cat((key, value), dim=-1))
