@@ -140,7 +140,7 @@ def context_parallel(name: str, cp: int, rng, results: dict) -> None:
                         qh, kh.repeat_interleave(HEADS // KV_HEADS, 1), vh.repeat_interleave(HEADS // KV_HEADS, 1),
                         attn_mask=~mask, scale=DIM ** -0.5).permute(2, 0, 1, 3).reshape(2 * chunk, ROWS, -1)
                 else:
-                    keys_values = cp_attention.in_gathered_order(torch.cat((k, v), dim=-1), cp)
+                    keys_values = cp_attention.in_gathered_order(k, v, cp)
                     out = cp_attention.attend(q, keys_values, DIM, spans, DIM ** -0.5, attention._varlen_attn())
                 out.backward(grad)
                 return out.detach(), [t.grad.clone() for t in (q, k, v)]

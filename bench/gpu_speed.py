@@ -138,7 +138,7 @@ def check_kernels() -> dict:
         for rank in range(2):
             mine = torch.from_numpy(cp_attention.rank_positions(s, 2, rank)).cuda()
             spans = cp_attention.spans_on_device(cp_attention.rank_spans(host, b, s, 2, rank), "cuda")
-            keys_values = cp_attention.in_gathered_order(torch.cat((k, v), dim=-1), 2)
+            keys_values = cp_attention.in_gathered_order(k, v, 2)
             out = cp_attention.attend(q[mine], keys_values, k.shape[-1], spans, attention.softmax_scale,
                                       _varlen_attn())
             out.backward(grad[mine])

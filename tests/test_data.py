@@ -247,7 +247,7 @@ def test_context_parallel_pieces_attend_like_the_dense_mask(tmp_path, tokenizer,
         for t in (q, k, v):
             t.grad = None
         # what the all-gather of the ranks' keys and values gives, built here from the whole rows
-        keys_values = cp_attention.in_gathered_order(torch.cat((k, v), dim=-1), cp)
+        keys_values = cp_attention.in_gathered_order(k, v, cp)
         out = cp_attention.attend(q[mine], keys_values, dim, spans, dim ** -0.5)
         assert torch.allclose(out, dense[mine].detach(), atol=1e-5), f"rank {rank} of {cp}"
         out.backward(grad[mine])

@@ -43,10 +43,12 @@ def gathered_positions(length: int, cp: int) -> np.ndarray:
     return places
 
 
-def in_gathered_order(x: torch.Tensor, cp: int) -> torch.Tensor:
-    """[s, ...] in sequence order -> the layout the all-gather of the CP ranks' parts gives (for
-    checks that hold the whole sequence on one process)."""
-    return torch.cat([x[torch.from_numpy(rank_positions(x.shape[0], cp, r)).to(x.device)] for r in range(cp)])
+def in_gathered_order(key: torch.Tensor, value: torch.Tensor, cp: int) -> torch.Tensor:
+    """Whole rows' keys and values [s, ...] in sequence order -> what `gather_keys_values` returns
+    from the CP ranks' parts (for checks that hold the whole sequence on one process)."""
+    both = torch.cat((key, value), dim=-1)
+    return torch.cat([both[torch.from_numpy(rank_positions(both.shape[0], cp, r)).to(both.device)]
+                      for r in range(cp)])
 
 
 def rank_spans(cu_seqlens: np.ndarray, rows: int, length: int, cp: int, rank: int) -> dict:
