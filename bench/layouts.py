@@ -36,6 +36,7 @@ ROWS_PER_GPU = 8
 
 # Options measured beside a layout: recipe overrides, and trainer pieces turned off (MOE_PLAIN_KERNELS).
 BALANCED = "model.override_config.moe_config.force_load_balancing=true"
+ALLGATHER = "model.override_config.moe_config.token_dispatcher=allgather"
 
 
 def padded(capacity: float) -> list[str]:
@@ -46,7 +47,8 @@ def padded(capacity: float) -> list[str]:
 VARIANTS = {
     "": ([], ""),  # the layout as it is
     "overlap": (["megatron.overlap_grad_reduce=true", "megatron.overlap_param_gather=true"], ""),
-    "allgather": (["model.override_config.moe_config.token_dispatcher=allgather"], ""),
+    "allgather": ([ALLGATHER], ""),
+    "balanced_allgather": ([BALANCED, ALLGATHER], ""),
     "plain_grad_add": ([], "grad_add"),
     # random experts in equal numbers: the exchange's cost without this router's imbalance
     "balanced": ([BALANCED], ""),
@@ -59,6 +61,9 @@ VARIANTS = {
     "balanced_pad125": ([BALANCED, *padded(1.25)], ""),
     "pad125": (padded(1.25), ""),
     "pad": (padded(1.0), ""),
+    # the all-gather dispatcher, padded: each token once to every rank instead of once per routed copy
+    "balanced_pad_allgather": ([BALANCED, *padded(1.0), ALLGATHER], ""),
+    "pad_allgather": ([*padded(1.0), ALLGATHER], ""),
     "a2a_overlap": (["megatron.overlap_moe_expert_parallel_comm=true"], ""),
     "balanced_a2a_overlap": ([BALANCED, "megatron.overlap_moe_expert_parallel_comm=true"], ""),
 }

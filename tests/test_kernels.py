@@ -55,6 +55,52 @@ def test_token_dropping_keeps_megatron_cores_permutation():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "dropless"])
+def test_all_gather_dispatch_waits_once_for_the_count_and_not_at_all_when_padded(monkeypatch, padded):
+    """The all-gather dispatcher's permutation (trainer.model.dispatch) hands the experts what
+    megatron-core's does - tokens, counts, probabilities - reading only the count on the host
+    (megatron-core: the counts, then two masked_selects), and nothing with experts padded."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.moe.token_dispatcher import MoEAllGatherTokenDispatcher
+
+    dispatch.install()
+    ranks, rank_tokens, experts, topk = 2, 24, 8, 2
+    maps, probs = [], []
+    for rank in range(ranks):  # each rank's router; padded to capacity 1.0 by megatron-core's function
+        routing_map, rank_probs = routing(rank_tokens, experts, topk, seed=rank)
+        if padded:
+            rank_probs, routing_map = moe_utils.apply_router_token_dropping(rank_probs, routing_map, topk, 1.0,
+                                                                            pad_to_capacity=True)
+        maps.append(routing_map)
+        probs.append(rank_probs)
+    gathered_map, gathered_probs = torch.cat(maps), torch.cat(probs)
+    hidden = torch.randn(ranks * rank_tokens, 6)
+    dispatcher = object.__new__(MoEAllGatherTokenDispatcher)  # its groups are not needed here
+    dispatcher.config = SimpleNamespace(moe_pad_expert_input_to_capacity=padded, moe_permute_fusion=False,
+                                        moe_router_topk=topk, num_moe_experts=experts, moe_expert_capacity_factor=1.0)
+    dispatcher.tp_size, dispatcher.ep_size = 1, ranks
+    dispatcher.num_local_experts, dispatcher.local_expert_indices = 4, [4, 5, 6, 7]  # the second rank's
+    dispatcher.routing_map = gathered_map
+    reads = []
+    with monkeypatch.context() as patch:
+        for name in ("cpu", "tolist", "item", "masked_select", "nonzero"):
+            original = getattr(torch.Tensor, name)
+            patch.setattr(torch.Tensor, name, lambda *a, _name=name, _original=original, **k: (
+                reads.append(_name), _original(*a, **k))[1])
+        permuted, counts, permuted_probs = dispatcher.dispatch_postprocess(hidden, gathered_probs)
+    assert reads == ([] if padded else ["cpu"])
+    # megatron-core's dispatch_postprocess, written out
+    local_map = gathered_map[:, 4:]
+    expected_counts = local_map.sum(dim=0)
+    expected, _, _ = moe_utils.permute(hidden, local_map, num_out_tokens=int(expected_counts.sum()))
+    expected_probs = gathered_probs[:, 4:].T.contiguous().masked_select(local_map.T.contiguous())
+    assert counts.tolist() == expected_counts.tolist()
+    assert counts.tolist() == [12] * 4 if padded else sum(counts.tolist()) > 0  # capacity 6 from each rank
+    torch.testing.assert_close(permuted, expected, rtol=0, atol=0)
+    torch.testing.assert_close(permuted_probs, expected_probs, rtol=0, atol=0)
+
+
 def test_gradient_norm_and_clipping_equal_megatron_cores_fallback():
     """One foreach norm (no host read per tensor) and foreach scaling give megatron-core's
     fallback results."""

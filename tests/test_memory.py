@@ -7,7 +7,7 @@ import pytest
 from launcher.cluster import load_cluster
 from launcher.plan.check import make_plan
 from launcher.plan.layout import plan_layout
-from launcher.plan.memory import stage_params
+from launcher.plan.memory import GIB, stage_params
 from launcher.plan.models import read_model
 from launcher.recipe import load_recipe
 from tests.conftest import RECIPES, run_launcher
@@ -79,6 +79,24 @@ def test_the_busiest_expert_rank_is_counted_as_routing_or_capacity_allows():
     assert plan("qwen2_moe", "slurm", *one_rank).memory.activations == pytest.approx(
         plan("qwen2_moe", "slurm", *one_rank, f"{moe}.capacity_factor=1.0", f"{moe}.pad_to_capacity=true"
              ).memory.activations)
+
+
+def test_the_all_gather_dispatcher_counts_every_ranks_tokens_once():
+    """The all-gather dispatcher holds its group's tokens and their partial sums (bf16) for one
+    layer, padded to capacity or not."""
+    moe = "model.override_config.moe_config"
+    padded = [f"{moe}.capacity_factor=1.0", f"{moe}.pad_to_capacity=true"]
+    gather = f"{moe}.token_dispatcher=allgather"
+    recipe = load_recipe(RECIPES / "qwen2_moe.yaml")
+    model = read_model(recipe.model.path)
+    layout = plan_layout(recipe, model, 8)
+    rows = layout.ep * layout.etp * recipe.data.max_length * recipe.data.micro_batch_size / layout.cp / (
+        layout.tp if layout.sequence_parallel else 1)
+    extra = plan("qwen2_moe", "slurm", *padded, gather).memory.activations - plan("qwen2_moe", "slurm", *padded
+                                                                                   ).memory.activations
+    assert extra * GIB == pytest.approx(rows * model.hidden * 4)
+    dropless = plan("qwen2_moe", "slurm", gather).memory.activations - plan("qwen2_moe").memory.activations
+    assert dropless * GIB == pytest.approx(rows * model.hidden * 4)
 
 
 def test_deepseek_fits_on_h200_not_on_h100(tmp_path):

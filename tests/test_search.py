@@ -54,6 +54,27 @@ def test_every_layout_found_validates_and_every_one_rejected_does_not(name, clus
         assert "GiB" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["dropless", "padded"])
+def test_the_search_picks_the_dispatcher_that_moves_fewer_bytes(padded):
+    """Both dispatchers train alike (trainer.model.dispatch): each EP layout comes with the faster
+    that fits, the all-gather only below EP = top-k (Qwen2-MoE: top-4; where it fits: its buffer
+    of the group's tokens can tip a layout over the memory the all-to-all leaves)."""
+    moe = "model.override_config.moe_config"
+    result = search("qwen2_moe", "slurm", [f"{moe}.capacity_factor=1.0", f"{moe}.pad_to_capacity=true"] if padded
+                    else [])
+    topk = read_model(load_recipe(RECIPES / "qwen2_moe.yaml").model.path).topk
+    seen = set()
+    for row in result.candidates:
+        (dispatcher,) = [o.split("=")[1] for o in row.overrides if o.startswith(f"{moe}.token_dispatcher=")] or [None]
+        lay = row.layout
+        if lay.ep * lay.etp == 1:
+            assert dispatcher is None
+        elif lay.etp == 1:
+            assert dispatcher == "alltoall" or lay.ep < topk, row.overrides
+            seen.add(dispatcher)
+    assert seen == {"allgather", "alltoall"}
+
+
 def test_deepseek_v3_on_64_gpus_of_80_gb_fits_with_the_memory_options_it_names():
     rc, out, err = run_launcher("plan", RECIPES / "deepseek_v3.yaml", "--cluster", "slurm", "--search", "--json")
     rows = json.loads(out)
@@ -173,6 +194,24 @@ def test_experts_padded_to_capacity_cost_their_padding_and_no_host_wait():
     assert padded.parts["compute"] > full.parts["compute"]
     assert padded.parts["ep_alltoall"] > full.parts["ep_alltoall"]
     assert padded.tokens_per_s_per_gpu < full.tokens_per_s_per_gpu
+
+
+def test_the_all_gather_dispatcher_moves_every_token_and_the_all_to_all_every_routed_copy():
+    """Padded to capacity, the all-gather dispatcher sends each token to every other rank of its
+    group (EP - 1 rows a token each way), the all-to-all each routed copy (top-k x (EP - 1) / EP):
+    the all-gather is cheaper below EP = top-k and dearer above; without padding either waits
+    for the host once a layer."""
+    moe = "model.override_config.moe_config"
+    padded, gather = [f"{moe}.capacity_factor=1.0", f"{moe}.pad_to_capacity=true"], f"{moe}.token_dispatcher=allgather"
+    # Qwen3-235B: top-8 over EP 4
+    assert speed_of(*padded, gather).parts["ep_alltoall"] < speed_of(*padded).parts["ep_alltoall"]
+    # Mixtral: top-2 over EP 4
+    mixtral = {"name": "mixtral_8x7b"}
+    assert speed_of(*padded, gather, **mixtral).parts["ep_alltoall"] > speed_of(*padded, **mixtral).parts["ep_alltoall"]
+    recipe = load_recipe(RECIPES / "qwen3_235b_a22b.yaml")
+    layout = plan_layout(recipe, read_model(recipe.model.path), 8)
+    waits = max(layout.stage_layers) * layout.num_microbatches * hardware(load_cluster("slurm")).ep_sync_ms / 1e3
+    assert speed_of(gather).parts["ep_alltoall"] == pytest.approx(speed_of(*padded, gather).parts["ep_alltoall"] + waits)
 
 
 def test_a_profile_can_give_its_own_hardware_figures(tmp_path):

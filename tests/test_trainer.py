@@ -61,7 +61,9 @@ def test_loss_falls_and_validation_is_logged(tmp_path):
      "megatron.expert_tensor_parallel_size=1"],
     # context parallelism: each rank holds two sequence chunks, the loss counts over both ranks
     ["megatron.expert_model_parallel_size=1", "megatron.context_parallel_size=2"],
-], ids=["ep1", "pp2", "tp2", "tp2-etp1", "cp2"])
+    # the experts' tokens gathered from both ranks and their outputs reduced back (trainer.model.dispatch)
+    ["model.override_config.moe_config.token_dispatcher=allgather"],
+], ids=["ep1", "pp2", "tp2", "tp2-etp1", "cp2", "ep2-allgather"])
 def test_layouts_give_the_same_losses_as_ep2(tmp_path, init_checkpoint, baseline, layout):
     _, expected = baseline
     _, _, metrics = train(tmp_path, f"megatron.dist_checkpointing_path={init_checkpoint}",
@@ -72,7 +74,8 @@ def test_layouts_give_the_same_losses_as_ep2(tmp_path, init_checkpoint, baseline
 def test_z_loss_capacity_factor_and_forced_balance_act_on_training(tmp_path, init_checkpoint, baseline):
     """Router z-loss adds to the gradients but not to the LM loss; a capacity factor drops
     tokens, which changes the output, and the metrics say how many; padding every expert to
-    that capacity changes nothing but the shapes; forced load balancing routes to random experts."""
+    that capacity changes nothing but the shapes, with either dispatcher; forced load balancing
+    routes to random experts."""
     run, _ = baseline
     first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][0]
     moe = "model.override_config.moe_config"
@@ -99,6 +102,13 @@ def test_z_loss_capacity_factor_and_forced_balance_act_on_training(tmp_path, ini
     assert padded[0]["grad_norm"] == pytest.approx(dropped[0]["grad_norm"], rel=1e-5)
     assert padded[0]["moe_dropped_fraction"] == dropped[0]["moe_dropped_fraction"]
     assert padded[0]["tokens_per_expert"] == dropped[0]["tokens_per_expert"]  # not the padded map
+    # the all-gather dispatcher, padded (trainer.model.dispatch's static path): the same training
+    _, _, gathered = train(tmp_path / "ag", f"megatron.dist_checkpointing_path={init_checkpoint}",
+                           "trainer.total_training_steps=1", *STEADY, f"{moe}.capacity_factor=0.5",
+                           f"{moe}.pad_to_capacity=true", f"{moe}.token_dispatcher=allgather")
+    assert gathered[0]["loss"] == pytest.approx(padded[0]["loss"], rel=1e-6)
+    assert gathered[0]["grad_norm"] == pytest.approx(padded[0]["grad_norm"], rel=1e-5)
+    assert gathered[0]["moe_dropped_fraction"] == padded[0]["moe_dropped_fraction"]
     # benchmarking's random routing: other experts than the router's, every token still routed top-k
     _, _, forced = train(tmp_path / "fb", f"megatron.dist_checkpointing_path={init_checkpoint}",
                          "trainer.total_training_steps=1", *STEADY, f"{moe}.force_load_balancing=true")

@@ -224,6 +224,12 @@ def _stage_activations(recipe: Recipe, model: ModelDims, layout: Layout, stage: 
         acts = in_flight * len(per_layer) * kept_input + max(per_layer, default=0)
     else:
         acts = in_flight * sum(per_layer)
+    moe_config = recipe.model.override_config.moe_config
+    if moe and moe_config.token_dispatcher == "allgather" and layout.ep * layout.etp > 1:
+        # the all-gather dispatcher's gathered tokens and the partial sums it reduces back (bf16:
+        # trainer.model.dispatch), every rank of the group's tokens, one layer at a time
+        rows = layout.ep * layout.etp * s * b / (layout.tp if layout.sequence_parallel else 1)
+        acts += rows * model.hidden * 2 * 2
     if recipe.megatron.overlap_moe_expert_parallel_comm:
         # the combined schedule runs one micro-batch's forward through a layer before the other's
         # backward has freed that layer: one more layer's activations at the crossing

@@ -2,8 +2,9 @@
 
 The search varies what decides speed and memory and keeps what decides the training run
 (model, sequence length, global batch, GPU count): TP (inside a node), CP, PP with its
-uneven first/last stages, VPP, EP, ETP (1 or TP), the micro-batch size, and the memory
-options the trainer implements (bf16 gradient buffers, full recompute, optimizer offload).
+uneven first/last stages, VPP, EP, ETP (1 or TP), the micro-batch size, the token dispatcher
+(all-to-all or all-gather, which train alike), and the memory options the trainer implements
+(bf16 gradient buffers, full recompute, optimizer offload).
 Each candidate passes `plan_layout`, the same rules `launcher validate` applies, so every row's
 overrides validate; for each layout and micro-batch it keeps the fastest set of memory options
 that fits. Pure functions: no I/O, no torch.
@@ -74,6 +75,11 @@ def search_layouts(recipe: Recipe, cluster: Cluster, model: ModelDims, first_fit
     fixed_split = (recipe.megatron.num_layers_in_first_pipeline_stage is not None
                    or recipe.megatron.num_layers_in_last_pipeline_stage is not None)
     may_recompute = not recipe.megatron.overlap_moe_expert_parallel_comm  # (which refuses it: _fastest_fit)
+    # both dispatchers train alike, each waiting for the host once a layer or, padded, never
+    # (trainer.model.dispatch): each EP layout takes the faster; megatron-core's combined
+    # schedule takes the all-to-all only
+    base_recipe = _with_dispatcher(recipe, "alltoall") if may_recompute else recipe
+    choose = "allgather" if may_recompute else None
     found: list[Candidate] = []
     too_big: list[tuple[str, ...]] = []
     valid = 0
@@ -84,18 +90,20 @@ def search_layouts(recipe: Recipe, cluster: Cluster, model: ModelDims, first_fit
                 for vpp in VIRTUAL_STAGES if pp > 1 else (1,):
                     for etp in sorted({1, tp}):
                         for ep in [e for e in divisors(model.num_experts) if world % (etp * e * pp) == 0]:
+                            other = choose if ep * etp > 1 else None
                             for mbs in [b for b in MICRO_BATCHES if gbs % (b * dp) == 0]:
-                                base = _variant(recipe, tp, cp, pp, vpp, ep, etp, mbs, (bf16_only, False, False))
+                                shape = (tp, cp, pp, vpp, ep, etp, mbs)
+                                base = _variant(base_recipe if other else recipe, *shape, (bf16_only, False, False))
                                 try:
                                     layout = plan_layout(base, model, gpus_per_node or None)
                                 except UserError:
                                     continue
                                 valid += 1
                                 best = _fastest_fit(base, model, layout, node, capacity_gib, hw, extra, first_fit,
-                                                    (tp, cp, pp, vpp, ep, etp, mbs), fixed_split, bf16_only)
+                                                    shape, fixed_split, bf16_only, other)
                                 if best is None:
-                                    too_big.append(_overrides(tp, cp, pp, vpp, ep, etp, mbs, (True, may_recompute, True),
-                                                              fixed_split))
+                                    too_big.append(_overrides(*shape, (True, may_recompute, True), fixed_split,
+                                                              other and "alltoall"))
                                     break  # a larger micro-batch needs more memory still
                                 found.append(best)
                                 if first_fit:
@@ -105,40 +113,71 @@ def search_layouts(recipe: Recipe, cluster: Cluster, model: ModelDims, first_fit
 
 
 def _fastest_fit(base: Recipe, model: ModelDims, layout: Layout, node: int, capacity: float, hw: Hardware,
-                 extra: dict, first_fit: bool, shape: tuple, fixed_split: bool, bf16_only: bool) -> Candidate | None:
-    """The fastest memory options under which this layout fits, or None.
+                 extra: dict, first_fit: bool, shape: tuple, fixed_split: bool, bf16_only: bool,
+                 other_dispatcher: str | None = None) -> Candidate | None:
+    """The fastest memory options under which this layout fits, or None; then, where
+    `other_dispatcher` is given (`base` has the all-to-all), that dispatcher instead if it is
+    faster and fits under the same options (the dispatchers differ in exchange time and a
+    one-layer buffer, not in what the options save).
 
     Recompute and offload trade speed for memory in ways that depend on the model, so each
     mix of them is estimated; bf16 gradient buffers change the numerics, so they are taken only
     where fp32 ones do not fit (or the recipe already asks for them)."""
-    memories = {}  # by recompute, with fp32 gradient buffers (bf16 ones take half of that)
-    best = None
+    def fits(recipe: Recipe, options: tuple) -> Memory | None:
+        """The fullest stage's memory under these options, or None where some stage overflows."""
+        bf16_grads, recompute, offload = options
+        key = (recipe.model.override_config.moe_config.token_dispatcher, recompute)
+        if key not in memories:
+            memories[key] = stage_memories(_with_options(recipe, (False, recompute, False)), model, layout,
+                                           capacity, **extra)
+        stages = memories[key]
+        totals = [m.total - (m.grads / 2 if bf16_grads else 0) - (m.optimizer if offload else 0) for m in stages]
+        if max(totals) > capacity - 1e-9:  # (validate recomputes it: no tie may flip)
+            return None
+        fullest = stages[max(range(len(stages)), key=totals.__getitem__)]
+        return dataclasses.replace(
+            fullest, grads=fullest.grads / (2 if bf16_grads else 1), optimizer=0.0 if offload else fullest.optimizer,
+            optimizer_on_host=fullest.optimizer if offload else 0.0)
+
+    def candidate(options: tuple, memory: Memory, speed: Speed, dispatcher: str | None) -> Candidate:
+        return Candidate(overrides=_overrides(*shape, options, fixed_split, dispatcher), layout=layout,
+                         memory=memory, speed=speed, options=_option_names(options, bf16_only))
+
+    memories = {}  # by dispatcher and recompute, with fp32 gradient buffers (bf16 ones take half of that)
+    best = best_options = None
     mixes = [(True, True)] if first_fit else [(False, False), (True, False), (False, True), (True, True)]
     if base.megatron.overlap_moe_expert_parallel_comm:  # megatron-core's combined schedule refuses recompute
         mixes = [(False, True)] if first_fit else [(False, False), (False, True)]
     for recompute, offload in mixes:
-        if recompute not in memories:
-            memories[recompute] = stage_memories(_with_options(base, (False, recompute, False)), model, layout,
-                                                 capacity, **extra)
-        stages = memories[recompute]
         for bf16_grads in ((True,) if bf16_only or first_fit else (False, True)):
-            totals = [m.total - (m.grads / 2 if bf16_grads else 0) - (m.optimizer if offload else 0) for m in stages]
-            if max(totals) <= capacity - 1e-9:  # (validate recomputes it: no tie may flip)
+            memory = fits(base, (bf16_grads, recompute, offload))
+            if memory is not None:
                 break
         else:
             continue
         options = (bf16_grads, recompute, offload)
         speed = estimate_speed(_with_options(base, options), model, layout, hw, node)
         if best is None or speed.tokens_per_s_per_gpu > best.speed.tokens_per_s_per_gpu:
-            fullest = stages[max(range(len(stages)), key=totals.__getitem__)]
-            memory = dataclasses.replace(
-                fullest, grads=fullest.grads / (2 if bf16_grads else 1), optimizer=0.0 if offload else fullest.optimizer,
-                optimizer_on_host=fullest.optimizer if offload else 0.0)
-            best = Candidate(overrides=_overrides(*shape, options, fixed_split), layout=layout, memory=memory,
-                             speed=speed, options=_option_names(options, bf16_only))
+            best, best_options = candidate(options, memory, speed, other_dispatcher and "alltoall"), options
         if not (recompute or offload):
             break  # neither option is needed, and each only adds time
+    if best is None or other_dispatcher is None:
+        return best
+    other = _with_dispatcher(base, other_dispatcher)
+    speed = estimate_speed(_with_options(other, best_options), model, layout, hw, node)
+    if speed.tokens_per_s_per_gpu > best.speed.tokens_per_s_per_gpu:
+        memory = fits(other, best_options)
+        if memory is not None:
+            return candidate(best_options, memory, speed, other_dispatcher)
     return best
+
+
+def _with_dispatcher(recipe: Recipe, dispatcher: str | None) -> Recipe:
+    if dispatcher is None:
+        return recipe
+    moe = dataclasses.replace(recipe.model.override_config.moe_config, token_dispatcher=dispatcher)
+    override = dataclasses.replace(recipe.model.override_config, moe_config=moe)
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, override_config=override))
 
 
 def _variant(recipe: Recipe, tp, cp, pp, vpp, ep, etp, mbs, options) -> Recipe:
@@ -170,7 +209,8 @@ def _option_names(options, bf16_in_recipe: bool) -> tuple[str, ...]:
                                        (offload, "megatron.optimizer_offload=true")] if on)
 
 
-def _overrides(tp, cp, pp, vpp, ep, etp, mbs, options, fixed_split: bool) -> tuple[str, ...]:
+def _overrides(tp, cp, pp, vpp, ep, etp, mbs, options, fixed_split: bool, dispatcher: str | None = None
+               ) -> tuple[str, ...]:
     bf16_grads, recompute, offload = options
     m = "megatron."
     out = [f"{m}tensor_model_parallel_size={tp}", f"{m}pipeline_model_parallel_size={pp}",
@@ -181,6 +221,8 @@ def _overrides(tp, cp, pp, vpp, ep, etp, mbs, options, fixed_split: bool) -> tup
         out += [f"{m}num_layers_in_first_pipeline_stage=null", f"{m}num_layers_in_last_pipeline_stage=null"]
     out += [f"data.micro_batch_size={mbs}", f"model.enable_gradient_checkpointing={str(recompute).lower()}",
             f"{m}optimizer_offload={str(offload).lower()}", f"{m}grad_reduce_in_fp32={str(not bf16_grads).lower()}"]
+    if dispatcher is not None:
+        out.append(f"model.override_config.moe_config.token_dispatcher={dispatcher}")
     return tuple(out)
 
 

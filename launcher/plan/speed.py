@@ -12,7 +12,8 @@ step, on the slowest pipeline stage of one GPU:
   trainer launches its kernels from Python);
 - communication, not overlapped with compute except where the recipe turns on megatron-core's
   DDP overlap (below): EP all-to-all of the routed tokens (4 per MoE layer and micro-batch, and
-  the host's wait for their counts unless the experts are padded to capacity), TP/SP
+  the host's wait for their counts unless the experts are padded to capacity) or, with the
+  all-gather dispatcher, every token gathered to every EP rank and the outputs reduced back, TP/SP
   all-gathers and reduce-scatters (3 per attention block and per TP-split MLP: megatron-core
   runs the column-parallel backward's two under its GEMMs), CP's key/value
   all-gather and its gradient's reduce-scatter (with transformer-engine, plus a fixed time per
@@ -140,10 +141,23 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
         bw, latency = link(span)
         return count * (nbytes * (ranks - 1) / ranks / bw + latency)
 
+    def expert_exchange(hidden_bytes: float, n_moe: int) -> float:
+        """EP's exchange of one micro-batch's routed tokens over the MoE layers, forward and backward.
+        all-to-all: each routed copy to its expert's rank and back (4 collectives a layer).
+        all-gather (over the ETP x EP ranks): every token to every rank, the partial sums
+        reduced back in bf16 (trainer.model.dispatch). Either way the host waits for the counts
+        once a layer unless the experts are padded to capacity."""
+        if dispatcher == "alltoall":
+            exchange = collective(hidden_bytes * model.topk * padding, ep, etp * ep, 4 * n_moe)
+        else:
+            exchange = collective(hidden_bytes * etp * ep, etp * ep, etp * ep, 4 * n_moe)
+        return exchange + (0.0 if padded else n_moe * hw.ep_sync_ms / 1e3)
+
     tokens = mbs * seq  # one micro-batch of one data-parallel replica
     rank_tokens = tokens / (cp * (tp if layout.sequence_parallel else 1))  # hidden states a rank holds
     padding = expert_padding(recipe)  # padded to capacity: more copies, sizes known without the host's wait
     padded = recipe.model.override_config.moe_config.pad_to_capacity
+    dispatcher = recipe.model.override_config.moe_config.token_dispatcher
     per_expert = tokens / cp * model.topk * padding * ep * etp / (tp * model.num_experts)
     width = model.moe_ffn / etp
     expert_eff = per_expert / (per_expert + EXPERT_TOKENS_HALF) * width / (width + EXPERT_WIDTH_HALF)
@@ -176,11 +190,12 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
         # a TP-split block (attention, dense or shared MLP) exposes 3 of its 5 collectives: the
         # forward's all-gather and reduce-scatter and the backward's gradient all-gather; the
         # column-parallel backward's all-gather and reduce-scatter run under its GEMMs. Expert
-        # TP adds the dispatcher's all-gather and reduce-scatter, forward and backward.
+        # TP adds the all-to-all dispatcher's all-gather and reduce-scatter, forward and backward
+        # (the all-gather dispatcher's exchange spans the ETP ranks already).
         tp_comm = collective(hidden_bytes, tp, tp, 3 * n_layers + 3 * n_dense
-                             + (4 * n_moe if etp > 1 else 0) + (3 * n_moe if model.shared_ffn else 0))
-        ep_comm = collective(rank_tokens * model.topk * padding * model.hidden * bf16, ep, etp * ep, 4 * n_moe)
-        ep_comm += n_moe * hw.ep_sync_ms / 1e3 if ep > 1 and not padded else 0.0
+                             + (4 * n_moe if etp > 1 and dispatcher == "alltoall" else 0)
+                             + (3 * n_moe if model.shared_ffn else 0))
+        ep_comm = expert_exchange(rank_tokens * model.hidden * bf16, n_moe) if ep > 1 else 0.0
         cp_comm = collective(tokens * kv_width * bf16, cp, tp * cp, 2 * n_layers)
         if hw.transformer_engine:  # its ring's steps, each a call, an exchange and a merge
             cp_comm += (cp - 1) * n_layers * hw.te_cp_ring_ms / 1e3

@@ -18,6 +18,11 @@ it static:
 
 Token dropping (a capacity factor), padding for quantisation and transformer-engine's fused
 permutation keep megatron-core's code.
+
+megatron-core's all-gather dispatcher (`token_dispatcher: allgather`) reads the tokens each local
+expert got on the host, then selects them and their probabilities with `masked_select`: three
+waits a MoE layer. Here it waits once, for the count, and not at all with the experts padded to
+capacity (`_allgather_dispatch`).
 """
 
 from __future__ import annotations
@@ -99,7 +104,69 @@ def install() -> None:
         return
     token_dispatcher.permute, token_dispatcher.unpermute = permute, unpermute
     _single_rank_without_sync(dispatcher)
+    _allgather_dispatch(token_dispatcher.MoEAllGatherTokenDispatcher)
     dispatcher.sync_free = True
+
+
+def _allgather_dispatch(dispatcher) -> None:
+    """megatron-core's all-gather dispatcher with one host wait a MoE layer, or none.
+
+    Each rank gathers every token of its expert group, runs its experts on the tokens routed to
+    them and reduces the partial sums back: against the all-to-all it moves each token once to
+    every other rank instead of once per routed copy - (EP - 1) x tokens rows each way against
+    top-k x (EP - 1) / EP x tokens, less when EP is below top-k (README, "Padding experts to
+    capacity"). megatron-core reads the local experts' counts on the host, then selects the
+    tokens and their probabilities with `masked_select`, which waits for the GPU each time; here
+    the tokens come from a stable sort of the local map as in `permute`, after one read of the
+    counts (the size of the experts' input) - or none with the experts padded to capacity: the
+    router has then marked exactly `capacity` tokens of its rank for every expert (megatron-core's
+    apply_router_token_dropping), so the gathered map holds that many times the ranks for each.
+
+    The partial sums come back in bf16, where megatron-core reduces them in the router's fp32: a
+    third fewer bytes in all, and with two ranks the same result (one addition, rounded once
+    either way)."""
+    postprocess, combine = dispatcher.dispatch_postprocess, dispatcher.token_combine
+
+    def ours(self) -> bool:
+        return not self.config.moe_permute_fusion
+
+    def local_postprocess(self, hidden_states, probs):
+        if not ours(self):
+            return postprocess(self, hidden_states, probs)
+        config = self.config
+        first, last = self.local_expert_indices[0], self.local_expert_indices[-1] + 1
+        self.hidden_shape_before_permute = hidden_states.shape
+        self.local_map = self.routing_map[:, first:last].contiguous()
+        local_probs, self.routing_map = probs[:, first:last], None
+        if config.moe_pad_expert_input_to_capacity:
+            from megatron.core.transformer.moe import moe_utils
+
+            ranks = self.tp_size * self.ep_size
+            rank_tokens = hidden_states.shape[0] // ranks  # what each rank's router routed
+            # the router marks every token when the capacity exceeds them (megatron-core's rule)
+            capacity = ranks * min(rank_tokens, moe_utils.get_capacity(
+                rank_tokens * config.moe_router_topk, config.num_moe_experts, config.moe_expert_capacity_factor))
+            permuted, self.local_probs, self.reversed_local_input_permutation_mapping = moe_utils.permute(
+                hidden_states, self.local_map, probs=local_probs, drop_and_pad=True,
+                num_out_tokens=capacity * self.num_local_experts)
+            return permuted, torch.full((self.num_local_experts,), capacity, dtype=torch.long), self.local_probs
+        tokens_per_expert = self.local_map.sum(dim=0).cpu()  # the one wait: how many rows the experts get
+        entries = torch.argsort((~self.local_map.T.reshape(-1)).to(torch.uint8), stable=True)
+        entries = entries[:int(tokens_per_expert.sum())]  # the set entries, expert-major, as megatron-core's
+        rows = entries % hidden_states.shape[0]
+        self.local_probs = local_probs.T.reshape(-1).index_select(0, entries)
+        self.reversed_local_input_permutation_mapping = rows
+        return hidden_states.index_select(0, rows), tokens_per_expert, self.local_probs
+
+    def bf16_combine(self, hidden_states):
+        if not ours(self) or self.tp_size * self.ep_size == 1:
+            return combine(self, hidden_states)
+        from megatron.core.tensor_parallel import reduce_scatter_to_sequence_parallel_region
+
+        return reduce_scatter_to_sequence_parallel_region(hidden_states, group=self.tp_ep_group)
+
+    dispatcher.dispatch_postprocess = local_postprocess
+    dispatcher.token_combine = bf16_combine
 
 
 def _single_rank_without_sync(dispatcher) -> None:
