@@ -73,14 +73,19 @@ def permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False, d
         return moe_utils.permute(tokens, routing_map, probs, num_out_tokens, fused, drop_and_pad)
     num_tokens, num_experts = routing_map.shape
     topk = num_out_tokens // num_tokens
-    # entries of the [experts, tokens] map that are set, in order: a stable sort of "not set"
-    order = torch.argsort((~routing_map.T.reshape(-1)).to(torch.uint8), stable=True)[:num_out_tokens]
+    order = set_entries(routing_map, num_out_tokens)
     sorted_indices = order % num_tokens  # the token of each routed copy
     by_token = torch.argsort(sorted_indices, stable=True)  # the copies grouped by token
     permuted_probs = probs.T.reshape(-1).index_select(0, order) if probs is not None else None
     permuted = _Gather.apply(tokens, sorted_indices, by_token, topk)
     sorted_indices.copies_by_token = (by_token, topk)  # read back by unpermute
     return permuted, permuted_probs, sorted_indices
+
+
+def set_entries(routing_map: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` set entries of the [experts, tokens] map, flattened, expert-major and in token
+    order within an expert (megatron-core's order): a stable sort of "not set"."""
+    return torch.argsort((~routing_map.T.reshape(-1)).to(torch.uint8), stable=True)[:count]
 
 
 def unpermute(permuted_tokens, sorted_indices, restore_shape, probs=None, routing_map=None, fused=False,
@@ -117,7 +122,7 @@ def _allgather_dispatch(dispatcher) -> None:
     top-k x (EP - 1) / EP x tokens, less when EP is below top-k (README, "Padding experts to
     capacity"). megatron-core reads the local experts' counts on the host, then selects the
     tokens and their probabilities with `masked_select`, which waits for the GPU each time; here
-    the tokens come from a stable sort of the local map as in `permute`, after one read of the
+    the tokens come from the local map's `set_entries`, as in `permute`, after one read of the
     counts (the size of the experts' input) - or none with the experts padded to capacity: the
     router has then marked exactly `capacity` tokens of its rank for every expert (megatron-core's
     apply_router_token_dropping), so the gathered map holds that many times the ranks for each.
@@ -151,8 +156,7 @@ def _allgather_dispatch(dispatcher) -> None:
                 num_out_tokens=capacity * self.num_local_experts)
             return permuted, torch.full((self.num_local_experts,), capacity, dtype=torch.long), self.local_probs
         tokens_per_expert = self.local_map.sum(dim=0).cpu()  # the one wait: how many rows the experts get
-        entries = torch.argsort((~self.local_map.T.reshape(-1)).to(torch.uint8), stable=True)
-        entries = entries[:int(tokens_per_expert.sum())]  # the set entries, expert-major, as megatron-core's
+        entries = set_entries(self.local_map, int(tokens_per_expert.sum()))
         rows = entries % hidden_states.shape[0]
         self.local_probs = local_probs.T.reshape(-1).index_select(0, entries)
         self.reversed_local_input_permutation_mapping = rows
