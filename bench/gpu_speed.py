@@ -345,20 +345,8 @@ def run_ours(name: str, model_dir: Path, mb: int, overrides: list[str], plain: s
             "data_wait_s": round(statistics.median(s["data_time_s"] for s in steady), 4), "peak_mem_gib": round(max(s["peak_memory_gib"] for s in steps), 2),
             "loss_first": steps[0]["loss"], "grad_norm_first": steps[0]["grad_norm"],
             "loss_last": steps[-1]["loss"], "planner_mem_gib": planner_gib(overrides),
-            "expert_rank_load": expert_rank_load(steps[-1], overrides),
+            "expert_parallel_load": steps[-1].get("expert_parallel_load"),  # trainer.routing
             "dropped_fraction": steps[-1].get("moe_dropped_fraction")}  # with a capacity factor
-
-
-def expert_rank_load(step: dict, overrides: list[str]) -> float | None:
-    """The busiest expert-parallel rank's routed tokens over the mean, averaged over the MoE
-    layers, for the step's tokens: every all-to-all waits for the busiest rank's experts."""
-    key = "megatron.expert_model_parallel_size="
-    ep = int(next((o[len(key):] for o in reversed(overrides) if o.startswith(key)), 1))
-    ratios = []
-    for counts in step.get("tokens_per_expert", {}).values():
-        per_rank = [sum(counts[r * len(counts) // ep:(r + 1) * len(counts) // ep]) for r in range(ep)]
-        ratios.append(max(per_rank) * ep / max(sum(per_rank), 1))
-    return round(statistics.mean(ratios), 4) if ratios else None
 
 
 def lora_base(model_dir: Path, work: Path = Path("/tmp/bench-lora")) -> Path:

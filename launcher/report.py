@@ -82,6 +82,9 @@ def summary(run: Run, title: str, found_alerts: list[str]) -> str:
     peaks = [r["peak_memory_gib"] for r in steps if r.get("peak_memory_gib") is not None]
     if peaks:
         lines.append(f"| peak memory | {max(peaks):.1f} GiB |")
+    loads = [r["expert_parallel_load"] for r in steps if r.get("expert_parallel_load") is not None]
+    if loads:
+        lines.append(f"| expert-parallel load, busiest rank / mean (median) | {statistics.median(loads):.2f} |")
     layers = run.layers()
     if layers:
         lines += ["", "## Experts (tokens routed over the run)", "",

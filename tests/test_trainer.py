@@ -14,6 +14,7 @@ import torch
 
 from tests.conftest import REPO
 from tests.trainer_helpers import losses, plain_tensors, train
+from trainer.routing import expert_parallel_load
 
 pytest.importorskip("megatron.core")
 
@@ -94,6 +95,9 @@ def test_z_loss_capacity_factor_and_forced_balance_act_on_training(tmp_path, ini
         assert sum(counts) == sum(first["tokens_per_expert"][layer])
     assert dropped[0]["tokens_per_expert"]["layer_0"] == first["tokens_per_expert"]["layer_0"]
     assert "moe_dropped_fraction" not in first
+    # EP=2: the busier rank's routed tokens against an even split's
+    assert first["expert_parallel_load"] == pytest.approx(expert_parallel_load(first["tokens_per_expert"], 2))
+    assert first["expert_parallel_load"] >= 1
     assert 0.5 <= dropped[0]["moe_dropped_fraction"] < 1
     _, _, padded = train(tmp_path / "pad", f"megatron.dist_checkpointing_path={init_checkpoint}",
                          "trainer.total_training_steps=1", *STEADY, f"{moe}.capacity_factor=0.5",
@@ -114,6 +118,19 @@ def test_z_loss_capacity_factor_and_forced_balance_act_on_training(tmp_path, ini
                          "trainer.total_training_steps=1", *STEADY, f"{moe}.force_load_balancing=true")
     for layer, counts in forced[0]["tokens_per_expert"].items():
         assert counts != first["tokens_per_expert"][layer] and sum(counts) == sum(first["tokens_per_expert"][layer])
+
+
+def test_expert_parallel_load_is_the_busiest_ranks_tokens_over_the_mean():
+    """Each MoE layer waits for its busiest EP rank: the sum of those loads over the even ones."""
+    # four experts on two ranks: layer_0 routes everything to rank 0's two (2x), layer_1 evenly
+    assert expert_parallel_load({"layer_0": [3, 1, 0, 0], "layer_1": [1, 1, 1, 1]}, 2) == 6 / 4
+    assert expert_parallel_load({"layer_0": [3, 1, 0, 0]}, 1) is None
+    # a GPU run's metrics (bench/results; README, "Padding experts to capacity"): the untrained
+    # router of the benchmark model loaded the busier of two ranks 1.21-1.43 x the mean
+    measured = REPO / "bench" / "results" / "te_ag_mb8_h200x2.ep2_allgather-g2-mb8.metrics.jsonl"
+    loads = [expert_parallel_load(json.loads(line)["tokens_per_expert"], 2)
+             for line in measured.read_text().splitlines()]
+    assert len(loads) == 8 and 1.2 < min(loads) and max(loads) < 1.45
 
 
 def test_grad_offload_releases_gradients_without_changing_training(tmp_path, init_checkpoint, baseline):

@@ -27,7 +27,7 @@ from trainer import checkpoint, devices, optimizer_step
 from trainer.model import fused
 from trainer.metrics import InFlight, MetricsLog, flops_per_token, peak_tflops
 from trainer.profile import StepProfile
-from trainer.routing import RoutingCounter, dropped_fraction, per_layer
+from trainer.routing import RoutingCounter, dropped_fraction, expert_parallel_load, per_layer
 
 STOP_FILE = "SAVE_AND_EXIT"  # written by the Slurm script when the time limit is near
 
@@ -575,6 +575,9 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
                   "tokens_per_expert": per_layer(n["routed"], duplicates), "skipped_update": not n["ok"]}
         if recipe.model.override_config.moe_config.capacity_factor is not None:
             record["moe_dropped_fraction"] = dropped_fraction(n["routed"])
+        if recipe.megatron.expert_model_parallel_size > 1:
+            record["expert_parallel_load"] = expert_parallel_load(record["tokens_per_expert"],
+                                                                  recipe.megatron.expert_model_parallel_size)
         if devices.on_gpu():
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         record["alerts"] = step_alerts(record, recent_losses, recipe.trainer.alert_loss_spike,
