@@ -144,7 +144,9 @@ def estimate(row: dict, gpus_per_node: int, gpu_type: str, fitted: dict, te: boo
     recipe, model, layout = _PLANS[key]
     cluster = Cluster(name="bench", backend="local", gpu_type=gpu_type, hardware=HardwareSection(transformer_engine=te))
     hw = dataclasses.replace(hardware(cluster), **fitted)
-    speed = estimate_speed(recipe, model, layout, hw, gpus_per_node)
+    measured_load = row.get("expert_parallel_load")  # the trainer's where the row recorded it, else ROUTED_LOAD
+    speed = estimate_speed(recipe, model, layout, hw, gpus_per_node,
+                           **({"routed_load": measured_load} if measured_load else {}))
     return {"tokens_per_s_per_gpu": round(speed.tokens_per_s_per_gpu, 1), "bottleneck": speed.bottleneck,
             "parts_s": speed.parts}
 

@@ -112,15 +112,16 @@ def expert_padding(recipe: Recipe) -> float:
     return moe.capacity_factor if moe.pad_to_capacity and moe.capacity_factor else 1.0
 
 
-def busiest_rank_share(recipe: Recipe, layout: Layout) -> float:
+def busiest_rank_share(recipe: Recipe, layout: Layout, dropless: float = ROUTING_HEADROOM) -> float:
     """Routed token copies the fullest expert-parallel rank holds, over the even share: the
     padded capacity; with one EP rank all of them (exactly the even share), and about that
-    where the router is forced to balance (random, even choices); else the headroom above, or
-    less where a capacity factor caps every expert."""
+    where the router is forced to balance (random, even choices); else `dropless` (memory
+    allows the headroom above, the speed estimate what trained routers reach), or less where
+    a capacity factor caps every expert."""
     moe = recipe.model.override_config.moe_config
     if moe.pad_to_capacity or layout.ep == 1 or moe.force_load_balancing:
         return expert_padding(recipe)
-    return min(ROUTING_HEADROOM, moe.capacity_factor or ROUTING_HEADROOM)
+    return min(dropless, moe.capacity_factor or dropless)
 
 
 def layer_activation_bytes(model: ModelDims, layout: Layout, recipe: Recipe, moe: bool) -> float:

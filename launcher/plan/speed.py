@@ -8,7 +8,9 @@ step, on the slowest pipeline stage of one GPU:
   the GPU's peak times the utilisation the trainer measured (`Hardware.mfu`, or `te_mfu` on
   transformer-engine's path, which the jobs of the project's image run); the routed
   experts' grouped products lose efficiency as the tokens per expert shrink
-  (t / (t + EXPERT_TOKENS_HALF)), plus a fixed host time per layer and micro-batch (the
+  (t / (t + EXPERT_TOKENS_HALF)); under dropless expert parallelism every MoE layer waits for
+  its busiest EP rank, whose routed tokens (and, with the all-to-all, bytes received) are
+  ROUTED_LOAD times an even share; plus a fixed host time per layer and micro-batch (the
   trainer launches its kernels from Python);
 - communication, not overlapped with compute except where the recipe turns on megatron-core's
   DDP overlap (below): EP all-to-all of the routed tokens (4 per MoE layer and micro-batch, and
@@ -37,12 +39,17 @@ from dataclasses import dataclass, replace
 
 from launcher.cluster import Cluster
 from launcher.plan.layout import Layout
-from launcher.plan.memory import expert_padding, stage_adapter_params, stage_params
+from launcher.plan.memory import busiest_rank_share, expert_padding, stage_adapter_params, stage_params
 from launcher.plan.models import ModelDims
 from launcher.recipe import Recipe
 
 EXPERT_TOKENS_HALF = 256  # tokens per expert at which a grouped product runs at half its best
 EXPERT_WIDTH_HALF = 256  # an expert's FFN width per ETP rank at which it runs at half its best
+# The busiest EP rank's routed tokens over an even split's (trainer.routing.expert_parallel_load)
+# that routers trained with their auxiliary loss settled at: the median of three runs of 120
+# steps, 1.07, 1.09 and 1.27 over their last 20 (bench/results/router_load_h200x4.json). Experts
+# padded to capacity take the same tokens on every rank, and forced balancing spreads them evenly.
+ROUTED_LOAD = 1.09
 ADAM_BYTES_PER_PARAM = 32  # read grad (4), master, m, v (12) and write them back (12), write bf16 weight (2), slack
 
 
@@ -69,15 +76,16 @@ class Hardware:
 
 # Measured (bench/results/layouts_check.json, `bench/layouts.py compare`): mfu and layer
 # overhead fitted on one GPU of each kind (qwen3_moe_8l, one long sample per row, micro-batches 2
-# to 8); the collective and EP sync times on two machines of four H200s together; te_mfu and
+# to 8); the collective and EP sync times on the multi-GPU rows of every TE-free machine together
+# (ep_sync_ms since the busiest rank's load is charged: 1.0, before 1.5); te_mfu and
 # te_cp_ring_ms on one machine of two H200s with transformer-engine (its one-GPU row, then its CP=2
 # row), and the H100's te_mfu scaled from it by the H200's ratio (not measured). Peaks, memory,
 # NVLink, network and PCIe figures are the datasheets' at the fraction collectives reach.
 GPUS = {
-    "H100": Hardware("H100", 989.0, 0.38, 0.49, 2.25, 0.8, 1.5, 3.35, 300.0, 40.0, 25.0, 0.5, 2.75),
-    "H200": Hardware("H200", 989.0, 0.41, 0.53, 2.5, 0.8, 1.5, 4.8, 300.0, 40.0, 25.0, 0.5, 2.75),
-    "A100": Hardware("A100", 312.0, 0.38, 0.49, 2.25, 0.8, 1.5, 2.0, 200.0, 20.0, 20.0, 0.5, 2.75),  # H100's, untested
-    "B200": Hardware("B200", 2250.0, 0.38, 0.49, 2.5, 0.8, 1.5, 8.0, 600.0, 40.0, 50.0, 0.5, 2.75),  # likewise
+    "H100": Hardware("H100", 989.0, 0.38, 0.49, 2.25, 0.8, 1.0, 3.35, 300.0, 40.0, 25.0, 0.5, 2.75),
+    "H200": Hardware("H200", 989.0, 0.41, 0.53, 2.5, 0.8, 1.0, 4.8, 300.0, 40.0, 25.0, 0.5, 2.75),
+    "A100": Hardware("A100", 312.0, 0.38, 0.49, 2.25, 0.8, 1.0, 2.0, 200.0, 20.0, 20.0, 0.5, 2.75),  # H100's, untested
+    "B200": Hardware("B200", 2250.0, 0.38, 0.49, 2.5, 0.8, 1.0, 8.0, 600.0, 40.0, 50.0, 0.5, 2.75),  # likewise
 }
 DEFAULT_GPU = "H100"
 
@@ -123,7 +131,10 @@ def flops_per_token(model: ModelDims, seq: int, moe: bool) -> tuple[float, float
     return attention + router + shared, 6 * model.topk * model.expert_params()
 
 
-def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardware, gpus_per_node: int) -> Speed:
+def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardware, gpus_per_node: int,
+                   routed_load: float = ROUTED_LOAD) -> Speed:
+    """`routed_load`: the busiest EP rank's share of routed tokens over an even one, where a
+    measured run knows it."""
     seq, mbs = recipe.data.max_length, recipe.data.micro_batch_size
     tp, cp, pp, ep, etp = layout.tp, layout.cp, layout.pp, layout.ep, layout.etp
     bf16 = 2
@@ -148,7 +159,7 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
         reduced back in bf16 (trainer.model.dispatch). Either way the host waits for the counts
         once a layer unless the experts are padded to capacity."""
         if dispatcher == "alltoall":
-            exchange = collective(hidden_bytes * model.topk * padding, ep, etp * ep, 4 * n_moe)
+            exchange = collective(hidden_bytes * model.topk * busiest, ep, etp * ep, 4 * n_moe)
         else:
             exchange = collective(hidden_bytes * etp * ep, etp * ep, etp * ep, 4 * n_moe)
         return exchange + (0.0 if padded else n_moe * hw.ep_sync_ms / 1e3)
@@ -158,6 +169,7 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
     padding = expert_padding(recipe)  # padded to capacity: more copies, sizes known without the host's wait
     padded = recipe.model.override_config.moe_config.pad_to_capacity
     dispatcher = recipe.model.override_config.moe_config.token_dispatcher
+    busiest = busiest_rank_share(recipe, layout, routed_load)  # routed copies on the busiest EP rank, over an even share
     per_expert = tokens / cp * model.topk * padding * ep * etp / (tp * model.num_experts)
     width = model.moe_ffn / etp
     expert_eff = per_expert / (per_expert + EXPERT_TOKENS_HALF) * width / (width + EXPERT_WIDTH_HALF)
@@ -180,7 +192,7 @@ def estimate_speed(recipe: Recipe, model: ModelDims, layout: Layout, hw: Hardwar
         n_moe = len(moe_set.intersection(layers)) + (mtp if stage == pp - 1 else 0)
         n_dense = count - len(moe_set.intersection(layers))
         flops_dense = tokens * (n_moe * dense_moe + n_dense * dense_plain) * recompute * frozen
-        flops_expert = tokens * n_moe * expert_moe * padding * recompute * frozen
+        flops_expert = tokens * n_moe * expert_moe * busiest * recompute * frozen
         if stage == pp - 1:  # output layer(s) and loss
             flops_dense += tokens * (1 + mtp) * 6 * model.hidden * model.vocab
         compute = (flops_dense + flops_expert / expert_eff) / (tp * cp) / peak
