@@ -1,6 +1,6 @@
 """How even a router's load becomes as it trains, and what that does to expert-parallel speed.
 
-    python3 bench/router_load.py NAME [--gpus 4] [--steps 120] [--runs text,text@0.01,words]
+    python3 bench/router_load.py NAME [--gpus 4] [--steps 120] [--runs text,text@0.01,words] [--te]
 
 The layout benchmark's router rows start from an untrained router on the benchmark's filler text
 (fifteen words repeated), and the busiest expert-parallel rank gets twice an even share under
@@ -10,7 +10,7 @@ step's `expert_parallel_load`, tokens/s per GPU and loss. Each run names its dat
 `@`, the auxiliary load-balancing loss coefficient (default: the model's config, 0.001):
 `words` is the filler text; `text` is prose and code, the Markdown and Python files of this
 repository and of the installed megatron-core, cut into samples longer than 4096 tokens.
-Writes $OUT/NAME.json (or bench/out/NAME.json).
+--te runs transformer-engine's path (MOE_TE_SITE, bench/te_install.sh). Writes $OUT/NAME.json (or bench/out/NAME.json).
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ def text_samples(path: Path) -> Path:
     return path
 
 
-def train(name: str, data: str, aux: float | None, gpus: int, steps: int) -> dict:
+def train(name: str, data: str, aux: float | None, gpus: int, te: bool) -> dict:
     layout = layouts.layout_overrides(f"ep{gpus}+allgather")
     if aux is not None:
         layout.append(f"model.override_config.moe_config.aux_loss_coeff={aux}")
     overrides = layouts.recipe_overrides(gpus, 8, layout, data)
-    row = gpu_speed.run_ours(name, layouts.MODEL, 8, overrides[1:], gpus=gpus)
+    row = gpu_speed.run_ours(name, layouts.MODEL, 8, overrides[1:], gpus=gpus, te=te)
     metrics = Path("/tmp/bench-speed") / f"{name}-mb8" / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     row["steps"] = [{"step": i + 1, "expert_parallel_load": r.get("expert_parallel_load"),
@@ -67,17 +67,18 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=4)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--runs", default="words,text,text@0.01")
+    parser.add_argument("--te", action="store_true")
     args = parser.parse_args()
     gpu_speed.STEPS = args.steps
     files = {"words": gpu_speed.long_samples(Path("/tmp/bench-long.parquet")),
              "text": text_samples(Path("/tmp/bench-text.parquet"))}
     out = Path(os.environ.get("OUT", REPO / "bench" / "out"))
     out.mkdir(parents=True, exist_ok=True)
-    result = {"versions": gpu_speed.versions(), "model": "bench/models/qwen3_moe_8l", "gpus": args.gpus,
-              "micro_batch_size": 8, "rows_per_gpu": layouts.ROWS_PER_GPU, "runs": []}
+    result = {"versions": gpu_speed.versions(), "transformer_engine": args.te, "model": "bench/models/qwen3_moe_8l",
+              "gpus": args.gpus, "micro_batch_size": 8, "rows_per_gpu": layouts.ROWS_PER_GPU, "runs": []}
     for run in args.runs.split(","):
         data, _, aux = run.partition("@")
-        row = train(f"{data}-aux{aux or 'model'}", str(files[data]), float(aux) if aux else None, args.gpus, args.steps)
+        row = train(f"{data}-aux{aux or 'model'}", str(files[data]), float(aux) if aux else None, args.gpus, args.te)
         row.update(data=data, aux_loss_coeff=float(aux) if aux else "model config (0.001)")
         result["runs"].append(row)
         print(json.dumps({"run": run, "first": row["steps"][0], "last_20": row["last_20"]}), flush=True)
