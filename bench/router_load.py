@@ -52,9 +52,10 @@ def train(name: str, data: str, aux: float | None, gpus: int, te: bool) -> dict:
     row = gpu_speed.run_ours(name, layouts.MODEL, 8, overrides[1:], gpus=gpus, te=te)
     metrics = Path("/tmp/bench-speed") / f"{name}-mb8" / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    logged = [r for r in records if "loss" in r]  # the training steps' records
     row["steps"] = [{"step": i + 1, "expert_parallel_load": r.get("expert_parallel_load"),
                      "tokens_per_s": round(r["tokens_per_s"] / gpus, 1), "loss": r["loss"],
-                     "moe_aux_loss": r.get("moe_aux_loss")} for i, r in enumerate(r for r in records if "loss" in r)]
+                     "moe_aux_loss": r.get("moe_aux_loss")} for i, r in enumerate(logged)]
     last = row["steps"][-20:]
     row["last_20"] = {"expert_parallel_load": statistics.median(s["expert_parallel_load"] for s in last),
                       "tokens_per_s": statistics.median(s["tokens_per_s"] for s in last)}
