@@ -133,7 +133,7 @@ def estimate(row: dict, gpus_per_node: int, gpu_type: str, fitted: dict, te: boo
     from launcher.cluster import Cluster, HardwareSection
     from launcher.plan.layout import plan_layout
     from launcher.plan.models import read_model
-    from launcher.plan.speed import estimate_speed, hardware
+    from launcher.plan.speed import ROUTED_LOAD, estimate_speed, hardware
     from launcher.recipe import load_recipe
 
     key = tuple(row["recipe_overrides"])
@@ -144,9 +144,8 @@ def estimate(row: dict, gpus_per_node: int, gpu_type: str, fitted: dict, te: boo
     recipe, model, layout = _PLANS[key]
     cluster = Cluster(name="bench", backend="local", gpu_type=gpu_type, hardware=HardwareSection(transformer_engine=te))
     hw = dataclasses.replace(hardware(cluster), **fitted)
-    measured_load = row.get("expert_parallel_load")  # the trainer's where the row recorded it, else ROUTED_LOAD
-    speed = estimate_speed(recipe, model, layout, hw, gpus_per_node,
-                           **({"routed_load": measured_load} if measured_load else {}))
+    load = row.get("expert_parallel_load") or ROUTED_LOAD  # the trainer's, where the row recorded it
+    speed = estimate_speed(recipe, model, layout, hw, gpus_per_node, routed_load=load)
     return {"tokens_per_s_per_gpu": round(speed.tokens_per_s_per_gpu, 1), "bottleneck": speed.bottleneck,
             "parts_s": speed.parts}
 
