@@ -1,6 +1,7 @@
 """How even a router's load becomes as it trains, and what that does to expert-parallel speed.
 
     python3 bench/router_load.py NAME [--gpus 4] [--steps 120] [--runs text,text@0.01,words] [--te]
+                                      [--plain KERNELS] [--profile]
 
 The layout benchmark's router rows start from an untrained router on the benchmark's filler text
 (fifteen words repeated), and the busiest expert-parallel rank gets twice an even share under
@@ -10,7 +11,11 @@ step's `expert_parallel_load`, tokens/s per GPU and loss. Each run names its dat
 `@`, the auxiliary load-balancing loss coefficient (default: the model's config, 0.001):
 `words` is the filler text; `text` is prose and code, the Markdown and Python files of this
 repository and of the installed megatron-core, cut into samples longer than 4096 tokens.
---te runs transformer-engine's path (MOE_TE_SITE, bench/te_install.sh). Writes $OUT/NAME.json (or bench/out/NAME.json).
+--te runs transformer-engine's path (MOE_TE_SITE, bench/te_install.sh); --plain turns fused pieces
+off (MOE_PLAIN_KERNELS); --profile profiles each run's last two steps (trainer/profile.py) into
+NAME-RUN-profile.json beside the result. A step's time runs from its start on the host to the next
+step's, so a host wait can move time from one step to the next: `last_20` gives the median step
+and the time-weighted rate (all tokens over all time). Writes $OUT/NAME.json (or bench/out/NAME.json).
 """
 
 from __future__ import annotations
@@ -44,21 +49,27 @@ def text_samples(path: Path) -> Path:
     return path
 
 
-def train(name: str, data: str, aux: float | None, gpus: int, te: bool) -> dict:
+def train(name: str, data: str, aux: float | None, gpus: int, te: bool, plain: str, profile: Path | None) -> dict:
     layout = layouts.layout_overrides(f"ep{gpus}+allgather")
     if aux is not None:
         layout.append(f"model.override_config.moe_config.aux_loss_coeff={aux}")
     overrides = layouts.recipe_overrides(gpus, 8, layout, data)
-    row = gpu_speed.run_ours(name, layouts.MODEL, 8, overrides[1:], gpus=gpus, te=te)
+    row = gpu_speed.run_ours(name, layouts.MODEL, 8, overrides[1:], plain=plain, profile=profile, gpus=gpus, te=te)
     metrics = Path("/tmp/bench-speed") / f"{name}-mb8" / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     logged = [r for r in records if "loss" in r]  # the training steps' records
     row["steps"] = [{"step": i + 1, "expert_parallel_load": r.get("expert_parallel_load"),
                      "tokens_per_s": round(r["tokens_per_s"] / gpus, 1), "loss": r["loss"],
-                     "moe_aux_loss": r.get("moe_aux_loss")} for i, r in enumerate(logged)]
+                     "moe_aux_loss": r.get("moe_aux_loss"), "step_time_s": r["step_time_s"],
+                     "alloc_retries": r.get("alloc_retries"), "gc_pause_s": r.get("gc_pause_s")}
+                    for i, r in enumerate(logged)]
+    for step, record in zip(row["steps"][-4:], logged[-4:]):  # the tokens each expert got, per layer
+        step["tokens_per_expert"] = record.get("tokens_per_expert")
     last = row["steps"][-20:]
     row["last_20"] = {"expert_parallel_load": statistics.median(s["expert_parallel_load"] for s in last),
-                      "tokens_per_s": statistics.median(s["tokens_per_s"] for s in last)}
+                      "tokens_per_s": statistics.median(s["tokens_per_s"] for s in last),
+                      "tokens_per_s_time_weighted": round(sum(s["tokens_per_s"] * s["step_time_s"] for s in last)
+                                                          / sum(s["step_time_s"] for s in last), 1)}
     return row
 
 
@@ -69,17 +80,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--runs", default="words,text,text@0.01")
     parser.add_argument("--te", action="store_true")
+    parser.add_argument("--plain", default="")
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     gpu_speed.STEPS = args.steps
     files = {"words": gpu_speed.long_samples(Path("/tmp/bench-long.parquet")),
              "text": text_samples(Path("/tmp/bench-text.parquet"))}
     out = Path(os.environ.get("OUT", REPO / "bench" / "out"))
     out.mkdir(parents=True, exist_ok=True)
-    result = {"versions": gpu_speed.versions(), "transformer_engine": args.te, "model": "bench/models/qwen3_moe_8l",
+    result = {"versions": gpu_speed.versions(), "transformer_engine": args.te, "plain_kernels": args.plain,
+              "model": "bench/models/qwen3_moe_8l",
               "gpus": args.gpus, "micro_batch_size": 8, "rows_per_gpu": layouts.ROWS_PER_GPU, "runs": []}
     for run in args.runs.split(","):
         data, _, aux = run.partition("@")
-        row = train(f"{data}-aux{aux or 'model'}", str(files[data]), float(aux) if aux else None, args.gpus, args.te)
+        name = f"{data}-aux{aux or 'model'}"
+        profile = out / f"{args.name}-{name}-profile.json" if args.profile else None
+        row = train(name, str(files[data]), float(aux) if aux else None, args.gpus, args.te, args.plain, profile)
         row.update(data=data, aux_loss_coeff=float(aux) if aux else "model config (0.001)")
         result["runs"].append(row)
         print(json.dumps({"run": run, "first": row["steps"][0], "last_20": row["last_20"]}), flush=True)

@@ -42,7 +42,7 @@ def test_loss_falls_and_validation_is_logged(tmp_path):
     assert [m["step"] for m in val] == [15, 30] and val[-1]["val_loss"] < val[0]["val_loss"]
     last = [m for m in metrics if "loss" in m][-1]
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu", "moe_aux_loss",
-                "tokens_per_expert"):
+                "tokens_per_expert", "gc_pause_s"):
         assert key in last
     routed = last["tokens_per_expert"]
     assert set(routed) == {"layer_0", "layer_1"} and all(len(v) == 4 for v in routed.values())

@@ -15,10 +15,11 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, type=Path, help="the resolved recipe")
     parser.add_argument("--run-dir", type=Path, help="metrics and logs go here (default: the config's folder)")
     args = parser.parse_args(argv)
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank ends with torchrun (trainer.lifetime says why)
-        from trainer.lifetime import end_with_parent
+    from trainer.lifetime import end_with_parent, forks_end_with_this_process
 
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank ends with torchrun (trainer.lifetime says why)
         end_with_parent()
+    forks_end_with_this_process()
     run_dir = args.run_dir or args.config.resolve().parent
     run_dir.mkdir(parents=True, exist_ok=True)
 

@@ -29,3 +29,32 @@ def end_with_parent(parent: int | None = None) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1 or (parent is not None and os.getppid() != parent):
         os.kill(os.getpid(), signal.SIGKILL)  # the parent ended before the signal was armed
+
+
+_forked_by: int | None = None  # the pid forking right now, when it forks from its main thread
+_hooked = False
+
+
+def forks_end_with_this_process() -> None:
+    """From now on, every process this one forks from its main thread ends when this one does,
+    and so on down (the hook is inherited). megatron-core's checkpoint save forks two writer
+    processes a save; a rank killed during one left them running with its sockets and output
+    stream open, so its peer saw no closed connection and Slurm waited on the stream. A fork
+    from another thread is left alone: the parent-death signal follows the forking thread."""
+    global _hooked
+    if _hooked or not sys.platform.startswith("linux"):
+        return
+    _hooked = True
+    os.register_at_fork(before=_note_forker, after_in_child=_end_with_forker)
+
+
+def _note_forker() -> None:
+    import threading
+
+    global _forked_by
+    _forked_by = os.getpid() if threading.current_thread() is threading.main_thread() else None
+
+
+def _end_with_forker() -> None:
+    if _forked_by is not None:
+        end_with_parent(_forked_by)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint, devices, optimizer_step
+from trainer import checkpoint, devices, gc_pauses, optimizer_step
 from trainer.model import fused
 from trainer.metrics import InFlight, MetricsLog, flops_per_token, peak_tflops
 from trainer.profile import StepProfile
@@ -572,7 +572,8 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
                   "data_time_s": n["data_time"], "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
                   "moe_aux_loss": aux[0] / max(aux[1], 1) / n["micro_batches"] if aux else None,
                   "mtp_loss": mtp[0] / n["micro_batches"] if mtp else None,
-                  "tokens_per_expert": per_layer(n["routed"], duplicates), "skipped_update": not n["ok"]}
+                  "tokens_per_expert": per_layer(n["routed"], duplicates), "skipped_update": not n["ok"],
+                  "gc_pause_s": pauses.take()}  # this rank's, since the last record (trainer.gc_pauses)
         if recipe.model.override_config.moe_config.capacity_factor is not None:
             record["moe_dropped_fraction"] = dropped_fraction(n["routed"])
         if recipe.megatron.expert_model_parallel_size > 1:
@@ -580,6 +581,9 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
                                                                   recipe.megatron.expert_model_parallel_size)
         if devices.on_gpu():
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            # times the caching allocator found no free block, released its cache and asked CUDA
+            # again (a stall of the whole device); climbing by step means fragmentation
+            record["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         record["alerts"] = step_alerts(record, recent_losses, recipe.trainer.alert_loss_spike,
                                        recipe.trainer.alert_expert_imbalance)
         recent_losses.append(record["loss"])
@@ -592,6 +596,9 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
     # it runs ahead of the GPU's queue: the next rows are fetched during this step's backward, and
     # a step is logged during the next one's (InFlight). A stop request seen during a step ends
     # the run after that step.
+    if fused.enabled("gc_freeze"):
+        gc_pauses.freeze_setup()
+    pauses = gc_pauses.GcPauses()
     upcoming, pending = fetch(), None
     with collectives_named(lambda: step + 1, recipe.trainer.collective_timeout_s):
         try:
@@ -639,6 +646,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
         finally:
             if pending is not None:  # an error mid-step: the step before it was trained, so log it
                 write(pending)
+            pauses.close()
 
     validation_pass()
     save()

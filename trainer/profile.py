@@ -28,6 +28,12 @@ HOST_WAITS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select
               "aten::_to_copy", "cudaMemcpyAsync")
 
 
+def is_annotation(name: str) -> bool:
+    """A range that a `record_function` or torch.distributed (`nccl:all_gather`...) marks on the
+    GPU's timeline around kernels, not a kernel: counting it would count its kernels twice."""
+    return "#" in name or name.startswith(("ProfilerStep", "nccl:"))
+
+
 def group_of(kernel: str) -> str:
     name = kernel.lower()
     return next((group for group, words in GROUPS if any(w in name for w in words)), "other")
@@ -117,8 +123,7 @@ def summarise(profiler, steps: int) -> dict:
             # the host side: operators' own time, where a launch-bound step spends it
             host[event.key] = (event.self_cpu_time_total / 1e3 / steps, event.count // steps)
             continue
-        if getattr(event, "device_type", None) != DeviceType.CUDA or "#" in event.key \
-                or event.key.startswith("ProfilerStep"):
+        if getattr(event, "device_type", None) != DeviceType.CUDA or is_annotation(event.key):
             continue  # user annotations span kernels that are counted themselves
         time = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
         entry = kernels.setdefault(event.key, [0.0, 0])
@@ -163,7 +168,7 @@ def gpu_idle(profiler, steps: int, shortest_ms: float = 0.1) -> dict:
     events = profiler.events()
     # (annotations that span kernels, as in summarise, are not kernels)
     kernels = sorted((e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA
-                      and "#" not in e.name and not e.name.startswith("ProfilerStep")),
+                      and not is_annotation(e.name)),
                      key=lambda e: e.time_range.start)
     if not kernels:
         return {}

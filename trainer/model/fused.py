@@ -34,6 +34,9 @@ there (the CPU runs the plain code the tests check against):
   by element without vector loads: about half the memory bandwidth, 23 of 269 GPU-ms a step of
   the Qwen3-30B-A3B slice (bench/README.md). The hook runs on the CPU too (a plain add there),
   so the CPU tests train through it.
+- gc_freeze: not a kernel, but switched the same way for the benchmark's before/after rows:
+  everything alive once setup is done is kept from the garbage collector's walks
+  (trainer.gc_pauses). On the CPU too.
 
 With transformer-engine (trainer.model.build) its own layers, attention, optimizer and gradient
 norm replace most of the above (the experts, the token permutation, FlexAttention for short
@@ -56,8 +59,8 @@ import types
 import torch
 
 KERNELS = ("attention", "flex_attention", "norm", "grad_accum", "grad_add", "adam", "permute", "grad_norm",
-           "output_loss", "response_logits", "clip", "rope", "swiglu", "cross_entropy", "router")
-ON_CPU_TOO = ("permute", "grad_norm", "output_loss", "response_logits", "clip", "grad_add")
+           "output_loss", "response_logits", "clip", "rope", "swiglu", "cross_entropy", "router", "gc_freeze")
+ON_CPU_TOO = ("permute", "grad_norm", "output_loss", "response_logits", "clip", "grad_add", "gc_freeze")
 
 
 def enabled(name: str) -> bool:

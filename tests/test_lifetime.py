@@ -1,0 +1,54 @@
+"""A rank's helper processes end with it: a rank SIGKILLed while megatron-core's checkpoint
+writers (processes it forks during a save) run must not leave them holding its sockets and
+its job's output stream."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A stand-in for a rank during a save: forks a writer the way megatron-core does
+# (multiprocessing's fork context, from the main thread), prints its pid and waits.
+RANK = """
+import multiprocessing, sys, time
+from trainer.lifetime import forks_end_with_this_process
+if sys.argv[1] == "hooked":
+    forks_end_with_this_process()
+writer = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,))
+writer.start()
+print(writer.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _writer_after_the_rank_is_killed(mode: str) -> bool:
+    rank = subprocess.Popen([sys.executable, "-c", RANK, mode], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    writer = int(rank.stdout.readline())
+    try:
+        rank.kill()
+        rank.wait()
+        deadline = time.time() + 5
+        while time.time() < deadline and _alive(writer):
+            time.sleep(0.1)
+        return _alive(writer)
+    finally:
+        if _alive(writer):
+            os.kill(writer, signal.SIGKILL)
+
+
+def test_a_killed_ranks_forked_writers_end_with_it():
+    assert not _writer_after_the_rank_is_killed("hooked")
+    assert _writer_after_the_rank_is_killed("plain")  # what megatron-core's fork alone leaves behind
