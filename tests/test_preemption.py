@@ -29,7 +29,30 @@ def start(run_dir, config):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def kill_during_a_save(proc, checkpoints, saves_first: int, delay: float) -> bool:
+def wait_until_gone(config, timeout: float = 30.0) -> None:
+    """Wait until no process of the killed run is left: torchrun is reaped at once, but its rank
+    ends only when the parent-death signal reaches it, and the rank's forked checkpoint writers
+    only when the rank has finished dying; until then they still write into step_N.tmp, which
+    the next run would take for a save of its own. A scheduler restarts a job only after all
+    its processes are gone (a Slurm step's cgroup, a pod), and so does this test."""
+    def argv(pid: str) -> list[bytes]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read().split(b"\0")
+        except OSError:  # ended meanwhile
+            return []
+
+    marker = str(config).encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [int(e.name) for e in os.scandir("/proc") if e.name.isdigit() and marker in argv(e.name)]
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"processes {left} of the killed run still running after {timeout} s"
+        time.sleep(0.01)
+
+
+def kill_during_a_save(proc, checkpoints, config, saves_first: int, delay: float) -> bool:
     """Let `saves_first` saves finish, then SIGKILL the trainer `delay` seconds after the next
     one starts (its step_N.tmp appears); False if the run finished first. A step_N.tmp that an
     earlier kill left behind is no save of this run (the trainer replaces it when it saves
@@ -53,6 +76,7 @@ def kill_during_a_save(proc, checkpoints, saves_first: int, delay: float) -> boo
                 time.sleep(delay)
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+                wait_until_gone(config)
                 return True
             seen += 1
         saving = now
@@ -71,7 +95,7 @@ def test_sigkill_during_saves_never_breaks_latest_and_losses_match(tmp_path):
     kills, reached, mid_save = 0, [], 0
     while kills < KILLS:
         proc = start(run_dir, config)
-        if not kill_during_a_save(proc, checkpoints, rng.randrange(2), rng.uniform(0.0, 0.1)):
+        if not kill_during_a_save(proc, checkpoints, config, rng.randrange(2), rng.uniform(0.0, 0.1)):
             break  # the run finished before another kill
         kills += 1
         mid_save += any(p.name.endswith(".tmp") for p in checkpoints.glob("step_*"))  # left half-written
