@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.conftest import REPO
-from tests.trainer_helpers import losses, train, write_recipe
+from tests.trainer_helpers import losses, recipe_processes, train, write_recipe
 
 pytest.importorskip("megatron.core")
 
@@ -35,17 +35,9 @@ def wait_until_gone(config, timeout: float = 30.0) -> None:
     only when the rank has finished dying; until then they still write into step_N.tmp, which
     the next run would take for a save of its own. A scheduler restarts a job only after all
     its processes are gone (a Slurm step's cgroup, a pod), and so does this test."""
-    def argv(pid: str) -> list[bytes]:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                return f.read().split(b"\0")
-        except OSError:  # ended meanwhile
-            return []
-
-    marker = str(config).encode()
     deadline = time.monotonic() + timeout
     while True:
-        left = [int(e.name) for e in os.scandir("/proc") if e.name.isdigit() and marker in argv(e.name)]
+        left = sorted(recipe_processes(str(config)))
         if not left:
             return
         assert time.monotonic() < deadline, f"processes {left} of the killed run still running after {timeout} s"

@@ -80,9 +80,9 @@ def alive(pids: list[int]) -> list[int]:
     return [pid for pid in pids if pid in parents]
 
 
-def training_processes(config: str) -> list[int]:
-    """The pids of the trainer processes started with this recipe file: torchrun's children,
-    not torchrun, and not their forked data workers (trainer.data.batches.prefetch)."""
+def recipe_processes(config: str) -> dict[int, int]:
+    """The live processes torchrun started with this recipe file and whatever they forked
+    (re-parented or not; torchrun itself left out), as pid -> parent pid."""
     found = {}
     for proc in Path("/proc").iterdir():
         try:
@@ -92,6 +92,13 @@ def training_processes(config: str) -> list[int]:
             continue
         if config in cmdline and "trainer" in cmdline and "torch.distributed.run" not in cmdline:
             found[int(proc.name)] = parent
+    return found
+
+
+def training_processes(config: str) -> list[int]:
+    """The pids of the trainer processes started with this recipe file: torchrun's children,
+    not torchrun, and not their forked data workers (trainer.data.batches.prefetch)."""
+    found = recipe_processes(config)
     return sorted(pid for pid, parent in found.items() if parent not in found)
 
 
