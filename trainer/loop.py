@@ -343,13 +343,17 @@ def rank_share(rows: list, micro_batch_size: int, dp: int, rank: int) -> list[li
             for j in range(0, len(rows), per_step)]
 
 
-def should_stop(run_dir: Path, signalled: bool) -> bool:
-    """Whether any rank was asked to stop. Agreed among the hosts (gloo): over NCCL the flag
-    would queue behind the step's kernels, and reading it would make the host wait for them."""
-    flag = torch.tensor([1.0 if (signalled or (run_dir / STOP_FILE).exists()) else 0.0])
+def agree_between_steps(run_dir: Path, signalled: bool, gc_seconds: float) -> tuple[bool, float]:
+    """Whether any rank was asked to stop, and the most seconds any rank spent in Python's
+    garbage collector since the last agreement (a rank paused there holds all the others at
+    the next collective, so the slowest one is the step's). Agreed among the hosts (gloo):
+    over NCCL the numbers would queue behind the step's kernels, and reading them would make
+    the host wait for them."""
+    flags = torch.tensor([1.0 if (signalled or (run_dir / STOP_FILE).exists()) else 0.0, gc_seconds],
+                         dtype=torch.float64)
     if dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())
-    return bool(flag.item())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=host_group())
+    return bool(flags[0]), float(flags[1])
 
 
 @cache
@@ -573,7 +577,7 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
                   "moe_aux_loss": aux[0] / max(aux[1], 1) / n["micro_batches"] if aux else None,
                   "mtp_loss": mtp[0] / n["micro_batches"] if mtp else None,
                   "tokens_per_expert": per_layer(n["routed"], duplicates), "skipped_update": not n["ok"],
-                  "gc_pause_s": pauses.take()}  # this rank's, since the last record (trainer.gc_pauses)
+                  "gc_pause_s": n["gc_pause"]}  # the slowest rank's, during this step's host work
         if recipe.model.override_config.moe_config.capacity_factor is not None:
             record["moe_dropped_fraction"] = dropped_fraction(n["routed"])
         if recipe.megatron.expert_model_parallel_size > 1:
@@ -614,12 +618,13 @@ def train(recipe, run_dir: Path, model_dims, tokenizer, train_data, val_rows) ->
                 if pending is not None:  # the last step's numbers, on the host by now; the GPU is busy
                     write(pending, start)
                     pending = None
-                stop = should_stop(run_dir, bool(signalled))
+                stop, gc_pause = agree_between_steps(run_dir, bool(signalled), pauses.take())
                 ok, grad_norm = optimizer_step.step(run.optimizer)
                 run.scheduler.step(increment=1)
                 pending = InFlight({"totals": totals, "aux": moe_aux_loss(),
                                     "mtp": mtp_loss() if recipe.model.enable_mtp else None, "routed": counter.take(),
                                     "grad_norm": grad_norm},
+                                   gc_pause=gc_pause,
                                    step=step + 1, epoch=earliest_epoch(held), start=start,
                                    data_time=data_time, ok=ok, lr=run.optimizer.param_groups[0]["lr"],
                                    micro_batches=len(batches))
