@@ -7,9 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+from tests.trainer_helpers import alive
 
 # A stand-in for a rank during a save: forks a writer the way megatron-core does
 # (multiprocessing's fork context, from the main thread), prints its pid and waits.
@@ -25,14 +24,6 @@ time.sleep(120)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def _writer_after_the_rank_is_killed(mode: str) -> bool:
     rank = subprocess.Popen([sys.executable, "-c", RANK, mode], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -41,11 +32,11 @@ def _writer_after_the_rank_is_killed(mode: str) -> bool:
         rank.kill()
         rank.wait()
         deadline = time.time() + 5
-        while time.time() < deadline and _alive(writer):
+        while time.time() < deadline and alive([writer]):
             time.sleep(0.1)
-        return _alive(writer)
+        return bool(alive([writer]))
     finally:
-        if _alive(writer):
+        if alive([writer]):
             os.kill(writer, signal.SIGKILL)
 
 
